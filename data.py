@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from common import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A dataset file is missing, corrupt or mismatched; str(e) is one line naming the file and the fix."""
 
 
