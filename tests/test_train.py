@@ -1,0 +1,156 @@
+"""train.py on real MNIST with a tiny model: the loss falls, checkpoints hold what resume needs,
+resume continues the step count, log and grids are written, NaN and SIGTERM stop cleanly."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+import diffusion
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist")
+pytestmark = pytest.mark.skipif(not os.path.isdir(MNIST), reason=f"real MNIST not found at {MNIST}")
+TINY = ["--data-dir", MNIST, "--tiny", "--batch-size", "16", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def log_rows(out):
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def test_loss_falls(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "120", "--warmup", "20", "--log-every", "10", "--out", out])
+    losses = [float(r["loss"]) for r in log_rows(out)]
+    assert len(losses) == 12
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert last < 0.6 * first, losses      # x0-MSE falls from ~0.9 (predicting 0) to ~0.3 in 120 steps
+
+
+def test_checkpoint_log_grid_and_resume(tmp_path):
+    out = str(tmp_path / "run")
+    args = [*TINY, "--log-every", "2", "--sample-every", "4", "--ckpt-every", "4", "--out", out]
+    train.main([*args, "--steps", "6"])
+    ckpt = load(out)
+    assert ckpt["format"] == common.CHECKPOINT_FORMAT and ckpt["step"] == 6
+    assert ckpt["model_config"]["hidden_size"] == 32 and ckpt["model_config"]["num_classes"] == 10
+    assert ckpt["diffusion_config"]["prediction"] == "x0"
+    assert ckpt["class_names"] == [str(i) for i in range(10)] and ckpt["dataset"] == "mnist"
+    assert ckpt["args"]["steps"] == 6 and ckpt["args"]["tiny"] is True
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    assert not all(torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"])  # EMA lags the weights
+    assert ckpt["optimizer"]["state"][0]["step"].item() == 6
+    assert isinstance(ckpt["rng"]["data"], torch.Tensor) and isinstance(ckpt["rng"]["ranks"][0]["torch"], torch.Tensor)
+    assert [r["step"] for r in log_rows(out)] == ["2", "4", "6"]
+    assert set(log_rows(out)[0]) == {"step", "loss", "lr", "images_per_s", "wall_time_s"}
+    grids = sorted(os.listdir(os.path.join(out, "samples")))
+    assert grids == ["step_0000004.png", "step_0000006.png"]
+    assert Image.open(os.path.join(out, "samples", grids[-1])).size == (8 * 34 + 2, 8 * 34 + 2)
+    # the checkpoint is what sample.py and friends read
+    model, _, names, _ = common.model_from_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert model.config.hidden_size == 32 and names[3] == "3"
+
+    train.main([*args, "--steps", "10", "--resume", "auto"])
+    resumed = load(out)
+    assert resumed["step"] == 10 and resumed["optimizer"]["state"][0]["step"].item() == 10
+    assert [r["step"] for r in log_rows(out)] == ["2", "4", "6", "8", "10"]
+    assert float(log_rows(out)[-1]["wall_time_s"]) >= float(log_rows(out)[2]["wall_time_s"])
+
+
+def test_nan_loss_stops_and_names_last_checkpoint(tmp_path, monkeypatch):
+    real_loss, calls = diffusion.GaussianDiffusion.training_loss, []
+
+    def loss_that_explodes(self, *a, **k):
+        calls.append(1)
+        terms = real_loss(self, *a, **k)
+        if len(calls) >= 7:
+            terms["loss"] = terms["loss"] * float("nan")
+        return terms
+
+    monkeypatch.setattr(diffusion.GaussianDiffusion, "training_loss", loss_that_explodes)
+    out = str(tmp_path / "run")
+    with pytest.raises(common.UserError, match=r"loss became nan at step 7; last good checkpoint: .*ckpt.pt \(step 5\)"):
+        train.main([*TINY, "--steps", "20", "--ckpt-every", "5", "--out", out])
+    ckpt = load(out)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_sigterm_saves_checkpoint_and_exits(tmp_path):
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000", "--log-every", "1", "--out", out]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while not (os.path.exists(os.path.join(out, "log.csv")) and log_rows(out)):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by SIGTERM" in output
+    ckpt = load(out)
+    assert 1 <= ckpt["step"] < 100000 and int(log_rows(out)[-1]["step"]) == ckpt["step"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "DiT-Q/4"], "unknown --model 'DiT-Q/4'"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--batch-size", "-4"], "--batch-size must be > 0"),
+    (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA GPU"),
+])
+def test_bad_flags_are_user_errors(tmp_path, extra, message):
+    with pytest.raises(common.UserError, match=message.replace("(", r"\(")):
+        train.main([*TINY, "--steps", "2", "--out", str(tmp_path / "run"), *extra])
+
+
+def test_unwritable_out_corrupt_and_mismatched_resume(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(common.UserError, match="cannot create run folder"):
+        train.main([*TINY, "--steps", "2", "--out", str(blocker / "run")])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x80\x02garbage")
+    with pytest.raises(common.UserError, match="corrupt.pt"):
+        train.main([*TINY, "--steps", "2", "--out", str(tmp_path / "a"), "--resume", str(corrupt)])
+    train.main([*TINY, "--steps", "2", "--out", str(tmp_path / "b")])
+    with pytest.raises(common.UserError, match="another diffusion config.*prediction"):
+        train.main([*TINY, "--steps", "4", "--out", str(tmp_path / "b"), "--resume", "auto", "--prediction", "eps"])
+
+
+def test_batch_must_split_over_ranks(tmp_path):
+    args = train.parse_args([*TINY, "--steps", "2", "--out", str(tmp_path / "run")])
+    with pytest.raises(common.UserError, match="not divisible by the 3 DDP processes"):
+        train.train(args, rank=0, world=3, device=torch.device("cpu"))
+
+
+def test_cli_error_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--steps", "0", "--out", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and res.stderr == "train.py: error: --steps must be > 0, got 0\n", res.stderr
+
+
+def test_seed_recipe_sets_the_seed_lesson_flags():
+    args = train.parse_args(["--seed-recipe"])
+    assert (args.model, args.prediction, args.lr, args.warmup, args.label_dropout) == ("DiT-S/8", "eps", 2e-4, 0, 0.2)
+    assert train.parse_args(["--seed-recipe", "--lr", "1e-4"]).lr == 1e-4      # explicit flags still win
+    assert train.parse_args([]).model is None and train.parse_args([]).prediction == "x0"
