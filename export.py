@@ -1,0 +1,353 @@
+"""
+Export a trained DiT for deployment: ONNX (fp32 and fp16), checked against PyTorch in ONNX Runtime,
+then a TensorRT 11 fp16 engine when TensorRT and a CUDA GPU are present.
+
+    python export.py --ckpt runs/mnist/ckpt.pt                 # files go next to the checkpoint
+    python export.py --ckpt runs/mnist/ckpt.pt --out-dir deploy --batch-size 64 --max-batch 256
+
+Writes, each with a JSON sidecar `<file>.json` (checkpoint SHA-256, configs, class names, versions, checks):
+    model.onnx             fp32 graph                    -> infer_trt.py --backend ort
+    model_fp16.onnx        fp16 weights and matmuls, fp32 I/O, LayerNorm statistics and the timestep
+                           sin/cos in fp32                -> the TensorRT engine's source
+    model_fp16.engine      TensorRT engine (GPU + TensorRT only) -> infer_trt.py --backend trt
+    model_fp16.timing.cache  TensorRT's measured kernel timings: makes the next build fast
+
+Graph I/O: x float32 (N, C, H, W), t int64 (N,), y int64 (N,) -> out float32 (N, C_out, H, W), the
+network's raw prediction (eps, x0 or v per the checkpoint's diffusion_config.prediction, then the
+variance channels when learn_sigma). N is dynamic. TensorRT 11 has no fp16 builder flag: precision
+comes from the ONNX types alone (strongly typed), hence the separate fp16 graph.
+"""
+import argparse
+import collections
+import contextlib
+import copy
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+
+import torch
+import torch.nn as nn
+
+from backends import (OrtBackend, TorchBackend, TrtBackend, check_writable, current_gpu_name, trt_logger,
+                      trt_unavailable_reason, write_sidecar)
+from common import UserError, atomic_write, config_dict, file_sha256, model_from_checkpoint, run_cli, to_uint8
+
+FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
+FP16_RTOL = 1e-2        # max|ONNX fp16 - PyTorch fp32| / max|PyTorch fp32|
+FP16_MAX = 65504.0      # largest finite fp16
+OPSETS = (20, 21, 22, 23)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                        ONNX export
+# ----------------------------------------------------------------------------------------------
+
+class Fp16Denoiser(nn.Module):
+    """fp16 copy of the model behind fp32 inputs and output, so the sampler's math stays fp32.
+    dit.py already keeps the timestep sin/cos and the LayerNorm statistics in fp32 (casts in the graph)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = copy.deepcopy(model).half()
+
+    def forward(self, x, t, y):
+        return self.model(x.half(), t, y).float()
+
+
+def export_onnx(module, path, example, opset):
+    """torch.export-based ONNX export with a dynamic batch axis on x, t, y (and so on out)."""
+    batch = torch.export.Dim("batch", min=1)
+    nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed", ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # known-harmless exporter warnings (notes: tensorrt_onnx.md, 3)
+        torch.onnx.export(module, example, path, input_names=["x", "t", "y"], output_names=["out"],
+                          dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
+                          opset_version=opset, dynamo=True, verbose=False,
+                          external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit: weights in .onnx.data
+
+
+def graph_summary(path):
+    """(node count, Counter of op types) of an ONNX file, after onnx.checker's full check."""
+    import onnx
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as e:
+        raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+    model = onnx.load(path, load_external_data=False)
+    return len(model.graph.node), collections.Counter(n.op_type for n in model.graph.node)
+
+
+def fp32_islands(path):
+    """For the fp16 graph: {op: (nodes computing in fp32, nodes)} for LayerNormalization, Sin, Cos, and
+    the number of Casts. TensorRT 11 keeps each tensor in its ONNX type, so these must read n/n."""
+    import onnx
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    islands = {}
+    for op in ("LayerNormalization", "Sin", "Cos"):
+        nodes = [n for n in g.node if n.op_type == op]
+        islands[op] = (sum(types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in nodes), len(nodes))
+    islands["Cast"] = sum(n.op_type == "Cast" for n in g.node)
+    return islands
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 Checks against PyTorch
+# ----------------------------------------------------------------------------------------------
+
+def errors(ref, out):
+    """max-abs, relative (max|d| / max|ref|) and relative L2 (||d|| / ||ref||) error of out against ref."""
+    d = (out.double() - ref.double())
+    scale, norm = ref.abs().max().item(), ref.double().norm().item()
+    return {"max_abs": d.abs().max().item(), "rel": d.abs().max().item() / max(scale, 1e-12),
+            "rel_l2": d.norm().item() / max(norm, 1e-12), "ref_max": scale}
+
+
+def random_inputs(config, num_timesteps, n, generator):
+    """Random x ~ N(0, I), t uniform over [0, T), y over every class and the null class."""
+    x = torch.randn((n, config.in_channels, config.image_size, config.image_size), generator=generator)
+    t = torch.randint(0, num_timesteps, (n,), generator=generator)
+    y = torch.randint(0, config.num_classes + 1, (n,), generator=generator)
+    return x, t, y
+
+
+def parity(reference, candidate, config, num_timesteps, batch_sizes=(1, 7), seed=0):
+    """Errors of candidate against reference on the same random inputs, one row per batch size."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_sizes:
+        x, t, y = random_inputs(config, num_timesteps, n, g)
+        rows.append({"batch": n, **errors(reference(x, t, y), candidate(x, t, y))})
+    return rows
+
+
+def check_tolerance(rows, precision, name):
+    """Fail loudly when an exported graph computes something else than the PyTorch model."""
+    for r in rows:
+        if precision == "fp32" and r["max_abs"] > FP32_ATOL * max(1.0, r["ref_max"]):
+            raise UserError(f"{name} differs from PyTorch by max-abs {r['max_abs']:.2e} > {FP32_ATOL:.0e} "
+                            f"at batch {r['batch']}: the export is wrong, do not deploy it")
+        if precision == "fp16" and r["rel"] > FP16_RTOL:
+            raise UserError(f"{name} differs from PyTorch by rel {r['rel']:.2e} > {FP16_RTOL:.0e} at batch "
+                            f"{r['batch']}: fp16 loses too much for this model; deploy model.onnx (fp32)")
+
+
+def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
+    """A short deterministic DDIM run (eta 0): the same seed gives the same noise on every backend."""
+    labels = torch.arange(num) % config.num_classes
+    g = torch.Generator().manual_seed(seed)
+    shape = (num, config.in_channels, config.image_size, config.image_size)
+    return diffusion.sample(fn, shape, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
+                            null_class=config.null_class, generator=g, device=device)
+
+
+def pixel_difference(a, b):
+    """Largest difference of two image batches in [-1, 1], in 0-255 pixel units (float and uint8)."""
+    return {"float": (a - b).abs().max().item() * 127.5,
+            "uint8": int((torch.from_numpy(to_uint8(a)).int() - torch.from_numpy(to_uint8(b)).int()).abs().max())}
+
+
+@contextlib.contextmanager
+def activation_peaks(model):
+    """Record, per DiT block, max |residual stream| (the block's output) and max |any Linear output| inside
+    it (qkv, attention proj, MLP, adaLN modulation): how close fp16 (max 65504) comes to overflowing."""
+    peaks, handles = {}, []
+
+    def track(i, slot):
+        def hook(module, inputs, output):
+            peaks[i][slot] = max(peaks[i][slot], output.detach().abs().max().item())
+        return hook
+    for i, block in enumerate(model.blocks):
+        peaks[i] = [0.0, 0.0]
+        handles.append(block.register_forward_hook(track(i, 0)))
+        handles += [m.register_forward_hook(track(i, 1)) for m in block.modules() if isinstance(m, nn.Linear)]
+    try:
+        yield peaks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     TensorRT engine
+# ----------------------------------------------------------------------------------------------
+
+def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, workspace_gb=4):
+    """Build a TensorRT 11 engine from the fp16 ONNX (strongly typed: no precision flags exist).
+    batches = (min, opt, max) of the optimisation profile shared by x, t and y."""
+    import tensorrt as trt
+    logger = trt_logger(trt)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)                 # 11.x: always strongly typed, explicit batch
+    onnx_parser = trt.OnnxParser(network, logger)
+    if not onnx_parser.parse_from_file(onnx_path):      # from a file: finds model.onnx.data beside it
+        reasons = "; ".join(onnx_parser.get_error(i).desc() for i in range(onnx_parser.num_errors))
+        raise UserError(f"TensorRT cannot parse {onnx_path}: {reasons[:300]}")
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_gb << 30)
+    builder_config.builder_optimization_level = opt_level
+    low, opt, high = batches
+    profile = builder.create_optimization_profile()
+    profile.set_shape("x", (low, *chw), (opt, *chw), (high, *chw))     # (min, opt, max) shapes
+    profile.set_shape("t", (low,), (opt,), (high,))
+    profile.set_shape("y", (low,), (opt,), (high,))
+    builder_config.add_optimization_profile(profile)
+    blob = b""
+    if os.path.isfile(cache_path):
+        with open(cache_path, "rb") as f:
+            blob = f.read()
+    cache = builder_config.create_timing_cache(blob)
+    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"  {cache_path} was made on another GPU or TensorRT version: starting a new timing cache")
+        cache = builder_config.create_timing_cache(b"")
+        builder_config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, builder_config)
+    if plan is None:
+        raise UserError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
+    atomic_write(engine_path, lambda f: f.write(plan))
+    atomic_write(cache_path, lambda f: f.write(builder_config.get_timing_cache().serialize()))
+    return trt.__version__
+
+
+# ----------------------------------------------------------------------------------------------
+#                                           main
+# ----------------------------------------------------------------------------------------------
+
+def print_parity(name, rows):
+    for r in rows:
+        print(f"  {name:16s} batch {r['batch']:2d}: max-abs {r['max_abs']:.2e}  rel {r['rel']:.2e}  "
+              f"rel-L2 {r['rel_l2']:.2e}  (max|ref| {r['ref_max']:.2f})")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
+    p.add_argument("--out-dir", default=None, help="folder for the files (default: the checkpoint's folder)")
+    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
+    p.add_argument("--opset", type=int, default=20, help=f"ONNX opset, one of {OPSETS} (23 fuses attention)")
+    p.add_argument("--batch-size", type=int, default=16, help="sampling batch the engine is tuned for "
+                   "(profile opt = 2x: guidance doubles the batch)")
+    p.add_argument("--max-batch", type=int, default=256, help="largest engine batch (cover 2x --batch-size)")
+    p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
+    p.add_argument("--workspace-gb", type=int, default=4, help="TensorRT builder workspace limit")
+    p.add_argument("--verify-steps", type=int, default=10, help="DDIM steps of the fixed-seed comparison")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.opset not in OPSETS:
+        raise UserError(f"--opset {args.opset} is not supported; use one of {OPSETS} (the exporter needs >= 20)")
+    if not 1 <= 2 * args.batch_size <= args.max_batch:
+        raise UserError(f"--max-batch {args.max_batch} must be at least 2 x --batch-size = {2 * args.batch_size} "
+                        f"(classifier-free guidance runs a doubled batch)")
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+
+    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu", use_ema=args.weights == "ema")
+    check_writable(os.path.join(out_dir, "model.onnx"))
+    config, pred = model.config, diffusion.config.prediction
+    chw = (config.in_channels, config.image_size, config.image_size)
+    weights = "ema" if args.weights == "ema" and ckpt.get("ema") is not None else "model"
+    print(f"{args.ckpt}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
+          f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
+          f"{config.image_size}, {config.image_size})")
+    import onnx
+    import onnxruntime
+    meta = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt),
+                           "weights": weights, "step": ckpt.get("step")},
+            "model_config": config_dict(config), "diffusion_config": config_dict(diffusion.config),
+            "class_names": class_names, "opset": args.opset,
+            "io": {"x": ["N", *chw, "float32"], "t": ["N", "int64"], "y": ["N", "int64"],
+                   "out": ["N", config.out_channels, *chw[1:], "float32"],
+                   "out_means": f"{pred}{' then variance interpolation' if config.learn_sigma else ''}"},
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+    # Everything is written into a hidden temp folder and moved next to the checkpoint only once checked.
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".export-")
+    try:
+        example = random_inputs(config, diffusion.num_timesteps, 2, torch.Generator().manual_seed(args.seed))
+        torch_fn = TorchBackend(model)
+        results = {}
+        for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
+            path, start = os.path.join(tmp, name), time.time()
+            module = model if precision == "fp32" else Fp16Denoiser(model)
+            export_onnx(module, path, example, args.opset)
+            nodes, ops = graph_summary(path)
+            print(f"{name}: opset {args.opset}, {nodes} nodes, {os.path.getsize(path) / 2**20:.1f} MiB, "
+                  f"exported in {time.time() - start:.1f} s; ops: "
+                  + ", ".join(f"{op} {k}" for op, k in ops.most_common()))
+            if precision == "fp16":
+                islands = fp32_islands(path)
+                print("  fp32 islands: " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in
+                                                     ((k, v) for k, v in islands.items() if k != "Cast"))
+                      + f", {islands['Cast']} Casts")
+                if any(a != b for k, (a, b) in ((k, v) for k, v in islands.items() if k != "Cast")):
+                    raise UserError(f"{name}: some LayerNorm or sin/cos nodes compute in fp16 (overflow risk in "
+                                    f"TensorRT); dit.py must keep layer_norm_fp32 and an fp32 timestep embedding")
+            ort_fn = OrtBackend(path, providers=["CPUExecutionProvider"], meta=meta)
+            rows = parity(torch_fn, ort_fn, config, diffusion.num_timesteps, seed=args.seed)
+            print_parity(f"ORT {precision} vs torch", rows)
+            check_tolerance(rows, precision, name)
+            results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows}
+
+        # The same fixed-seed DDIM run through PyTorch and both ONNX graphs: what a user would see.
+        with activation_peaks(model) as peaks:
+            reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0)
+        for name, r in results.items():
+            images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, 2.0)
+            r["ddim"] = pixel_difference(reference, images)
+            print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: {name} vs PyTorch largest "
+                  f"pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
+        peak = max(max(v) for v in peaks.values())
+        print("  activation peaks in that run (max |residual stream| / max |Linear output|), per block: "
+              + "; ".join(f"{i}: {a:.1f}/{b:.1f}" for i, (a, b) in peaks.items()))
+        print(f"  largest activation {peak:.1f}: {FP16_MAX / max(peak, 1e-9):.0f}x below the fp16 maximum 65504"
+              + ("" if peak < FP16_MAX / 16 else "  WARNING: close to fp16 overflow, keep the residual stream in fp32"))
+
+        for name, r in results.items():
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            write_sidecar(os.path.join(out_dir, name), {
+                **meta, "kind": "onnx", "precision": r["precision"],
+                "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
+                           "activation_peak": peak}})
+            print(f"wrote {os.path.join(out_dir, name)} (+ .json)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    reason = trt_unavailable_reason()
+    if reason:
+        print(f"TensorRT engine skipped: {reason}. The ONNX files are ready (infer_trt.py --backend ort).")
+        return
+    onnx_path = os.path.join(out_dir, "model_fp16.onnx")
+    engine_path, cache_path = os.path.join(out_dir, "model_fp16.engine"), os.path.join(out_dir, "model_fp16.timing.cache")
+    batches = (1, 2 * args.batch_size, args.max_batch)
+    start = time.time()
+    version = build_engine(onnx_path, engine_path, cache_path, chw, batches, args.opt_level, args.workspace_gb)
+    print(f"model_fp16.engine: TensorRT {version}, profile min/opt/max batch {batches}, "
+          f"opt level {args.opt_level}, built in {time.time() - start:.0f} s")
+    engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": "model_fp16.onnx",
+                   "versions": {**meta["versions"], "tensorrt": version},
+                   "gpu": {"name": current_gpu_name(), "capability": list(torch.cuda.get_device_capability(0))},
+                   "profile": dict(zip(("min", "opt", "max"), batches)), "builder_optimization_level": args.opt_level}
+
+    # The engine against the PyTorch model on the same GPU, before its sidecar makes it usable.
+    model = model.cuda()
+    torch_fn, trt_fn = TorchBackend(model), TrtBackend(engine_path, meta=engine_meta)
+    rows = parity(torch_fn, trt_fn, config, diffusion.num_timesteps, seed=args.seed)
+    print_parity("TRT fp16 vs torch", rows)
+    check_tolerance(rows, "fp16", "model_fp16.engine")
+    reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
+    images = fixed_seed_sample(trt_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
+    ddim = pixel_difference(reference.cpu(), images.cpu())
+    print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: engine vs PyTorch largest pixel "
+          f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+    write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
+    print(f"wrote {engine_path} (+ .json) and {cache_path}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
