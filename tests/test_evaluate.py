@@ -19,6 +19,15 @@ needs_mnist = pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "t10k-ima
                                  reason="real MNIST not at ../shared/data/mnist")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread here: tiny models thrash two OpenMP threads on a busy 2-core machine (100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def test_digits():
     from data import load_dataset
@@ -118,6 +127,9 @@ def tiny_ckpt(tmp_path_factory):
     mc = DiTConfig(hidden_size=32, depth=1, num_heads=2, patch_size=8)
     dc = DiffusionConfig(num_timesteps=50, prediction="x0")
     model = DiT(mc)
+    with torch.no_grad():                                                # adaLN-Zero starts at output 0:
+        for p in model.parameters():                                     # perturb so samples vary
+            p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
     save_checkpoint(path, {"model_config": config_dict(mc), "diffusion_config": config_dict(dc),
                            "model": model.state_dict(), "ema": model.state_dict(),
@@ -175,3 +187,20 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "score", "--ckpt", str(tmp_path / "no.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+
+
+@needs_mnist
+def test_scored_digits_are_the_ones_sample_py_draws(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """Same seed and setting: evaluate.py's first digits are sample.py's grid, pixel for pixel."""
+    from PIL import Image
+    from common import image_grid
+    npz, png = tmp_path / "e.npz", tmp_path / "s.png"
+    run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "2", "--steps", "3", "--cfg-scale", "2",
+             "--data-dir", DATA, "--save-npz", str(npz))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpt, "--num-samples", "20",
+                        "--steps", "3", "--cfg-scale", "2", "--sampler", "ddim", "--out", str(png)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with np.load(npz) as z:
+        ours = np.array(image_grid(torch.from_numpy(z["images"]).float() / 127.5 - 1, nrow=8))
+    assert np.array_equal(ours, np.array(Image.open(png)))
