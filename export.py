@@ -51,7 +51,7 @@ class Fp16Denoiser(nn.Module):
 
     def __init__(self, model):
         super().__init__()
-        self.model = copy.deepcopy(model).half()
+        self.model = copy.deepcopy(model).half().eval()
 
     def forward(self, x, t, y):
         return self.model(x.half(), t, y).float()
