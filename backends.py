@@ -102,12 +102,6 @@ def check_sidecar(meta, artifact, ckpt_path=None, ckpt=None, gpu_name=None):
                         f"TensorRT engines only run on the GPU they were built for: rerun export.py here")
 
 
-def input_shape(meta):
-    """(C, H, W) of the model an artifact was exported from."""
-    config = meta["model_config"]
-    return config["in_channels"], config["image_size"], config["image_size"]
-
-
 def check_profile(meta, batch, artifact="the engine"):
     """An engine runs only batch sizes inside the optimisation profile it was built with."""
     bounds = meta.get("profile")
@@ -152,7 +146,8 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 
 class OrtBackend:
-    """An ONNX file in ONNX Runtime; numpy I/O converted from/to torch. CUDA EP when available."""
+    """An ONNX file in ONNX Runtime; numpy I/O converted from/to torch. CUDA EP when available.
+    The sidecar is checked (against ckpt_path / ckpt when given) unless meta, an already checked one, is passed."""
 
     def __init__(self, onnx_path, providers=None, ckpt_path=None, ckpt=None, meta=None):
         import onnxruntime as ort
@@ -233,7 +228,8 @@ class TrtBackend:
     cuda_graph=True records one CUDA graph per batch size (the sampler repeats the same call 10-1000
     times, so launching one graph replaces TensorRT's per-call kernel launches). A graph bakes in
     every address and shape, so each batch size gets its own execution context, static input and
-    output buffers, and graph; a call copies its inputs in, replays, and clones the output out."""
+    output buffers, and graph; a call copies its inputs in, replays, and clones the output out.
+    The sidecar is checked (checkpoint, GPU) unless meta, an already checked one, is passed."""
 
     def __init__(self, engine_path, cuda_graph=False, ckpt_path=None, ckpt=None, meta=None):
         if meta is None:
@@ -252,8 +248,9 @@ class TrtBackend:
         if names != sorted(IO_NAMES):
             raise UserError(f"{engine_path} has I/O {names}, expected {sorted(IO_NAMES)}; rebuild it with export.py")
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in IO_NAMES}
-        low, _, high = self.engine.get_tensor_profile_shape("x", 0)
+        low, _, high = self.engine.get_tensor_profile_shape("x", 0)      # (min, opt, max) shapes of x
         self.meta = {**meta, "profile": {**meta.get("profile", {}), "min": low[0], "max": high[0]}}
+        self.image_shape = tuple(high)[1:]                                # (C, H, W)
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()                  # TensorRT syncs more on the default stream
         self.graphs = {}                                   # batch size -> (context, x, t, y, out, graph)
@@ -291,7 +288,7 @@ class TrtBackend:
         """Record one engine call at batch n: warm up outside the capture (TensorRT initialises lazily on
         the first enqueue, which must not be recorded), then capture on the side stream."""
         context = self.engine.create_execution_context()
-        shape = (n, *input_shape(self.meta))
+        shape = (n, *self.image_shape)
         sx = torch.zeros(shape, dtype=self.dtypes["x"], device=self.device)
         st = torch.zeros(n, dtype=self.dtypes["t"], device=self.device)
         sy = torch.zeros(n, dtype=self.dtypes["y"], device=self.device)
