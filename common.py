@@ -55,6 +55,10 @@ def atomic_write(path, write_fn, binary=True):
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write_fn(f)
             f.flush()
