@@ -140,13 +140,13 @@ def setup_ddp(device_flag):
     return rank, world, device
 
 
-def any_rank(flag, world, device):
-    """True on every rank if `flag` is True on any: stopping must happen at the same step everywhere."""
+def any_rank(flags, world, device):
+    """Element-wise OR over ranks: all ranks must stop (or fail) at the same step, or DDP would hang."""
     if world == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
+        return flags
+    t = torch.tensor(flags, dtype=torch.float32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def mean_over_ranks(value, world, device):
@@ -164,7 +164,8 @@ def mean_over_ranks(value, world, device):
 def pick_amp(flag, device):
     """-> (autocast dtype or None, use GradScaler)."""
     if flag == "auto":
-        flag = "off" if device.type != "cuda" else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        # bf16 needs Ampere (compute capability 8) or newer; is_bf16_supported() also counts emulation (T4)
+        flag = "off" if device.type != "cuda" else ("bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
     if flag == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on CPU")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
@@ -213,6 +214,13 @@ def truncate_log(path, step):
         w.writerows(rows)
 
 
+def original_flags(saved):
+    """The flags that decide the model and diffusion configs, as the checkpoint's run gave them."""
+    names = ("model", "dataset", "image_size", "channels", "prediction", "schedule", "num_timesteps", "label_dropout")
+    flags = [f"--{k.replace('_', '-')} {saved[k]}" for k in names if saved.get(k) is not None]
+    return " ".join(flags + [f"--{k.replace('_', '-')}" for k in ("learn_sigma", "tiny") if saved.get(k)])
+
+
 class StopFlag:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits. A second signal kills."""
 
@@ -238,6 +246,8 @@ def train(args, rank, world, device):
     if args.threads:
         torch.set_num_threads(args.threads)
     master = rank == 0
+    if device.type == "cuda":                     # TF32 matmuls: free speed where --amp is off
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     say = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
@@ -289,10 +299,10 @@ def train(args, rank, world, device):
             raise UserError(f"{resume} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
         for mine, theirs, what in ((config_dict(config), ckpt["model_config"], "model"),
                                    (config_dict(diff_config), ckpt["diffusion_config"], "diffusion")):
-            diff = [f"{k} {theirs.get(k)!r} vs {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+            diff = [f"{k}: checkpoint {theirs.get(k)!r}, flags {v!r}" for k, v in mine.items() if theirs.get(k) != v]
             if diff:
-                raise UserError(f"{resume} was trained with another {what} config ({'; '.join(diff)} from the flags);"
-                                f" pass the flags of the original run (saved in its 'args')")
+                raise UserError(f"{resume} was trained with another {what} config ({'; '.join(diff)}); resume with "
+                                f"the original run's flags: {original_flags(ckpt.get('args', {}))}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -366,34 +376,36 @@ def train(args, rank, world, device):
             with autocast():
                 loss = diffusion.training_loss(net, x0, y, t=t, noise=noise)["loss"]
             loss_value = loss.item()
-            bad = not math.isfinite(loss_value) and scaler is None
-            if any_rank(bad, world, device):   # fp16: GradScaler skips non-finite steps itself
-                where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
-                raise UserError(f"loss became {loss_value} at step {step + 1}; last good checkpoint: {where}; "
-                                f"lower --lr or use --amp off")
             optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                if args.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(optimizer)     # clip the true gradients, not the scaled ones
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            if scaler:
                 scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
                 skipped += scaler.get_scale() < scale   # the scale drops exactly when a step was skipped
             else:
-                loss.backward()
-                if args.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 optimizer.step()
             update_ema(ema, model, args.ema_decay, step)
             step += 1
+
+            # ---- NaN, signal, time limit: decided together on all ranks, before anything is saved
+            timed_out = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
+            bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
+            bad, stopping = any_rank([bad, stop.signum is not None or timed_out], world, device)
+            if bad:
+                where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
+                raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {where}; "
+                                f"lower --lr or use --amp off")
             if math.isfinite(loss_value):
                 loss_sum, n_losses = loss_sum + loss_value, n_losses + 1
 
-            # ---- log, grid, checkpoint, stop
+            # ---- log, grid, checkpoint
             wall = wall_before + time.time() - t_start
-            if step % args.log_every == 0 or step == args.steps:
+            if step % args.log_every == 0 or step == args.steps or stopping:
                 mean_loss = mean_over_ranks(loss_sum / max(n_losses, 1), world, device)
                 ips = B * n_losses / max(time.time() - t_log, 1e-9)
                 if master:
@@ -406,8 +418,6 @@ def train(args, rank, world, device):
                             f"{wall / 60:.1f} min" + (f" | {skipped} fp16 steps skipped" if skipped else ""))
                     print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
                 loss_sum, n_losses, t_log = 0.0, 0, time.time()
-            timed_out = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
-            stopping = any_rank(stop.signum is not None or timed_out, world, device)
             end = stopping or step == args.steps
             t_pause = time.time()               # grids and checkpoints do not count against images/s
             if master and (end or (args.sample_every and step % args.sample_every == 0)):
