@@ -6,6 +6,7 @@ import dataclasses
 import os
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 import torch
@@ -82,13 +83,17 @@ def load_checkpoint(path, map_location="cpu"):
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt written by train.py")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():      # torch warns about foreign pickle protocols before refusing them
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # The weights-only unpickler names a refused import as "GLOBAL module.name"; any other
+        # failure (bad opcode, broken zip) means the bytes are not a complete torch file.
+        if "GLOBAL" in str(e):
             raise UserError(f"{path} contains pickled code or objects, which are refused for safety; "
                             f"only checkpoints written by train.py load") from None
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt?): {reason[:200]}") from None
+        raise UserError(f"{path} is not a readable checkpoint (truncated, corrupt or not a torch file); "
+                        f"use the ckpt.pt written by train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a DiT checkpoint of this project; pass the ckpt.pt written by train.py")
     if ckpt.get("version") != CHECKPOINT_VERSION:
