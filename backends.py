@@ -20,7 +20,6 @@ calls can segfault the process instead of raising (see ../shared/notes/tensorrt_
 import importlib.util
 import json
 import os
-import tempfile
 import time
 
 import numpy as np
@@ -108,19 +107,6 @@ def check_profile(meta, batch, artifact="the engine"):
     if bounds and not bounds["min"] <= batch <= bounds["max"]:
         raise UserError(f"batch {batch} is outside the engine's profile [{bounds['min']}, {bounds['max']}] "
                         f"({artifact}); rebuild with export.py --max-batch {max(batch, bounds['max'])}")
-
-
-def check_writable(path):
-    """Fail before minutes of work, not after, when the output cannot be written."""
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"cannot write to {folder}: it is a file, not a folder; choose another output path")
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable output path") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,19 @@ def atomic_write(path, write_fn, binary=True):
         raise
 
 
+def check_writable(path):
+    """Fail before minutes of work, not after, when the output cannot be written."""
+    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"cannot write to {folder}: it is a file, not a folder; choose another output path")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable output path") from None
+
+
 def save_checkpoint(path, state):
     """Save a checkpoint dict atomically, stamped with the format and version."""
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
@@ -215,3 +228,86 @@ def pick_device(name=None):
 def config_dict(config):
     """A dataclass config as a plain dict (what checkpoints and sidecars store)."""
     return dataclasses.asdict(config)
+
+
+# ----------------------------------------------------------------------------------------------
+#                         Sampling flags and the batch loop of the sampling CLIs
+# ----------------------------------------------------------------------------------------------
+# sample.py, infer_trt.py and evaluate.py draw images the same way, so a seed gives the same digits
+# from any of them and on any backend: labels first, then all starting noise up front from one CPU
+# generator, then diffusion.sample over batches. The defaults were chosen with evaluate.py's
+# quality table (README, "Sample quality").
+
+DEFAULT_SAMPLER = "ddim"
+DEFAULT_STEPS = 25
+DEFAULT_CFG = 2.0
+DEFAULT_NUM_SAMPLES = 64
+
+
+def add_sampling_args(parser, default_out):
+    """The sampling flags shared by sample.py and infer_trt.py."""
+    from diffusion import SAMPLERS
+    a = parser.add_argument
+    a("--labels", default=None, help='labels to draw, e.g. "2 4 one nine" (one image each)')
+    a("--num-samples", type=int, default=None, help=f"without --labels: how many images (default {DEFAULT_NUM_SAMPLES})")
+    a("--label-order", default="cycle", choices=("cycle", "random"), help="labels for --num-samples: 0,1,2,... or random")
+    a("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS)
+    a("--steps", type=int, default=DEFAULT_STEPS, help="sampling steps (evenly spaced over the trained T)")
+    a("--cfg-scale", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale (1 = none; >1 doubles the batch)")
+    a("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
+    a("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen; the seed's sampler used it)")
+    a("--seed", type=int, default=0)
+    a("--batch-size", type=int, default=64, help="images per network batch (CFG doubles it)")
+    a("--nrow", type=int, default=8, help="images per grid row")
+    a("--out", default=default_out, help="PNG grid to write; the label names go beside it as .txt")
+
+
+def check_sampling_args(args):
+    """Reject impossible sampling flags with one line each, before any model is loaded."""
+    for name in ("steps", "batch_size", "nrow"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.num_samples is not None and args.num_samples <= 0:
+        raise UserError(f"--num-samples must be > 0, got {args.num_samples}")
+    if args.labels is not None and args.num_samples is not None:
+        raise UserError("give either --labels or --num-samples, not both")
+    if args.eta < 0:
+        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    check_writable(args.out)
+
+
+def choose_labels(args, class_names, generator):
+    """--labels text, or --num-samples labels in cycle (0, 1, 2, ...) or random order -> class indices."""
+    if args.labels is not None:
+        return parse_labels(args.labels, class_names)
+    n, k = args.num_samples or DEFAULT_NUM_SAMPLES, len(class_names)
+    if args.label_order == "cycle":
+        return [i % k for i in range(n)]
+    return torch.randint(k, (n,), generator=generator).tolist()
+
+
+def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sampler, steps, cfg_scale,
+                 eta=0.0, thresholding=False, batch_size=64, device="cpu"):
+    """Images (N, C, H, W) in [-1, 1] on the CPU for `labels`, in batches; the starting noise of all N
+    is drawn first from `generator`, so the images do not depend on batch_size or device."""
+    shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
+    noise = torch.randn((len(labels), *shape), generator=generator)
+    images = []
+    for i in range(0, len(labels), batch_size):
+        y = torch.tensor(labels[i:i + batch_size])
+        with torch.no_grad():
+            images.append(diffusion.sample(
+                model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                null_class=model_config.null_class, eta=eta, thresholding=thresholding,
+                noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
+    return torch.cat(images)
+
+
+def write_label_table(labels, class_names, png_path, nrow):
+    """The label names beside the grid (grid.png -> grid.txt), one line per grid row, like the seed's
+    prompt table. Returns the .txt path."""
+    names = [class_names[i] for i in labels]
+    table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
+    txt_path = os.path.splitext(png_path)[0] + ".txt"
+    atomic_write(txt_path, lambda f: f.write(table), binary=False)
+    return txt_path

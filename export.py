@@ -31,9 +31,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from backends import (OrtBackend, TorchBackend, TrtBackend, check_writable, current_gpu_name, trt_logger,
+from backends import (OrtBackend, TorchBackend, TrtBackend, current_gpu_name, trt_logger,
                       trt_unavailable_reason, write_sidecar)
-from common import UserError, atomic_write, config_dict, file_sha256, model_from_checkpoint, run_cli, to_uint8
+from common import (UserError, atomic_write, check_writable, config_dict, file_sha256, model_from_checkpoint, run_cli,
+                    to_uint8)
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
 FP16_RTOL = 1e-2        # max|ONNX fp16 - PyTorch fp32| / max|PyTorch fp32|

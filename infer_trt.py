@@ -21,13 +21,13 @@ import time
 import torch
 
 from backends import (BACKENDS, Timed, TrtBackend, OrtBackend, TorchBackend, check_profile, check_sidecar,
-                      check_writable, current_gpu_name, load_sidecar, trt_unavailable_reason)
-from common import (UserError, atomic_write, configs_from_checkpoint, load_checkpoint, model_from_checkpoint, parse_labels,
-                    pick_device, run_cli, save_grid, to_uint8)
-from diffusion import SAMPLERS, GaussianDiffusion
+                      current_gpu_name, load_sidecar, trt_unavailable_reason)
+from common import (DEFAULT_NUM_SAMPLES, UserError, add_sampling_args, check_sampling_args, choose_labels,
+                    configs_from_checkpoint, draw_samples, load_checkpoint, model_from_checkpoint, parse_labels,
+                    pick_device, run_cli, save_grid, to_uint8, write_label_table)
+from diffusion import GaussianDiffusion
 
 ENGINE_NAME, ONNX_NAME = "model_fp16.engine", "model.onnx"
-DEFAULT_NUM_SAMPLES = 64
 
 
 def build_parser():
@@ -40,30 +40,8 @@ def build_parser():
     a("--cuda-graph", action="store_true", help="trt: replay each batch size as one CUDA graph")
     a("--compare", action="store_true", help="also run PyTorch from the same noise; print pixel difference and ms/step")
     a("--device", default=None, help="device of the torch backend (default: cuda if available)")
-    # The sampling flags of sample.py, with its defaults.
-    a("--labels", default=None, help='labels to draw, e.g. "2 4 one nine" (one image each)')
-    a("--num-samples", type=int, default=None, help=f"without --labels: how many images (default {DEFAULT_NUM_SAMPLES})")
-    a("--label-order", default="cycle", choices=("cycle", "random"), help="labels for --num-samples: 0,1,2,... or random")
-    a("--sampler", default="ddim", choices=SAMPLERS)
-    a("--steps", type=int, default=25, help="sampling steps (evenly spaced over the trained T)")
-    a("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale (1 = none; >1 doubles the batch)")
-    a("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
-    a("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen)")
-    a("--seed", type=int, default=0)
-    a("--batch-size", type=int, default=64, help="images per network batch (CFG doubles it)")
-    a("--nrow", type=int, default=8, help="images per grid row")
-    a("--out", default="samples_infer.png", help="PNG grid to write; the label names go beside it as .txt")
+    add_sampling_args(p, default_out="samples_infer.png")    # the flags and defaults of sample.py
     return p
-
-
-def choose_labels(args, class_names, generator):
-    """--labels text, or --num-samples labels in cycle / random order (as sample.py does)."""
-    if args.labels is not None:
-        return parse_labels(args.labels, class_names)
-    n, k = args.num_samples or DEFAULT_NUM_SAMPLES, len(class_names)
-    if args.label_order == "cycle":
-        return [i % k for i in range(n)]
-    return torch.randint(k, (n,), generator=generator).tolist()
 
 
 def resolve(args):
@@ -106,33 +84,19 @@ def checkpoint_for(args, meta, artifact, why):
 
 
 def run_sampler(fn, device, diffusion, model_config, args):
-    """All images in batches, as sample.py draws them: labels, then all the noise up front, from one
-    CPU generator, so a seed gives the same images on every backend and batch size."""
+    """All images, drawn as sample.py draws them (common.draw_samples), and the seconds it took."""
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, args.class_names, generator)
-    shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
-    noise = torch.randn((len(labels), *shape), generator=generator)
-    images, start = [], time.perf_counter()
-    for i in range(0, len(labels), args.batch_size):
-        y = torch.tensor(labels[i:i + args.batch_size])
-        images.append(diffusion.sample(fn, (len(y), *shape), y, sampler=args.sampler, steps=args.steps,
-                                       cfg_scale=args.cfg_scale, null_class=model_config.null_class,
-                                       eta=args.eta, thresholding=args.thresholding, noise=noise[i:i + len(y)],
-                                       generator=generator, device=device).cpu())
-    return torch.cat(images), labels, time.perf_counter() - start
+    start = time.perf_counter()
+    images = draw_samples(fn, diffusion, model_config, labels, generator, sampler=args.sampler, steps=args.steps,
+                          cfg_scale=args.cfg_scale, eta=args.eta, thresholding=args.thresholding,
+                          batch_size=args.batch_size, device=device)
+    return images, labels, time.perf_counter() - start
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "nrow"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if args.num_samples is not None and args.num_samples <= 0:
-        raise UserError(f"--num-samples must be > 0, got {args.num_samples}")
-    if args.labels is not None and args.num_samples is not None:
-        raise UserError("give either --labels or --num-samples, not both")
-    if args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
+    check_sampling_args(args)
     if args.backend == "torch" and not args.ckpt:
         raise UserError("--backend torch needs --ckpt RUN/ckpt.pt")
     backend, path, meta = resolve(args)
@@ -147,7 +111,6 @@ def main(argv=None):
     engine_batch = min(args.batch_size, num_samples) * (2 if args.cfg_scale != 1.0 else 1)
     if backend == "trt":
         check_profile(meta, engine_batch, path)
-    check_writable(args.out)
     weights = (meta or {}).get("checkpoint", {}).get("weights", "ema")
 
     if backend == "trt":
@@ -160,9 +123,7 @@ def main(argv=None):
     timed = Timed(fn, fn.device)
     images, labels, seconds = run_sampler(timed, fn.device, diffusion, model_config, args)
     save_grid(images, args.out, nrow=args.nrow)
-    names = [args.class_names[i] for i in labels]      # the label names, one line per grid row
-    table = "\n".join(" ".join(names[r:r + args.nrow]) for r in range(0, len(names), args.nrow)) + "\n"
-    atomic_write(os.path.splitext(args.out)[0] + ".txt", lambda f: f.write(table), binary=False)
+    write_label_table(labels, args.class_names, args.out, args.nrow)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
     print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
           f"seed {args.seed}, {seconds:.2f} s, {timed.ms_per_call:.2f} ms per network call (batch {engine_batch}) -> {args.out}")

@@ -98,7 +98,9 @@ def test_not_a_checkpoint_and_unwritable_out(ckpt, tmp_path, capsys, monkeypatch
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     check_one_line_error(capsys, monkeypatch, ["--ckpt", str(tmp_path / "other.pt")], "not a DiT checkpoint")
     check_one_line_error(capsys, monkeypatch, ["--ckpt", str(tmp_path / "missing.pt")], "does not exist")
-    check_one_line_error(capsys, monkeypatch, ["--ckpt", ckpt, "--out", str(tmp_path / "no" / "dir" / "g.png")],
+    # A missing output folder is created; a path through a file cannot be.
+    (tmp_path / "a_file").write_text("x")
+    check_one_line_error(capsys, monkeypatch, ["--ckpt", ckpt, "--out", str(tmp_path / "a_file" / "g.png")],
                          "cannot write")
 
 
