@@ -1,0 +1,189 @@
+"""The bad-input matrix (issue: never a stack trace): each case runs a script's main() through
+common.run_cli and checks exit status 2 and a single line on stderr that names the problem.
+
+ONNX/engine cases (file from another checkpoint, another GPU, batch outside the engine profile, TensorRT
+missing) run against real exported files in tests/test_backends.py and tests/test_export.py."""
+import gzip
+import hashlib
+import os
+import pickle
+import shutil
+import sys
+
+import pytest
+import torch
+
+import common
+import data
+import sample
+import train
+from diffusion import DiffusionConfig
+from dit import DiT, DiTConfig
+
+MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
+TINY = DiTConfig(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2)
+
+
+def one_line_error(capsys, monkeypatch, script, main, argv):
+    """Run main via run_cli; return the error line after checking exit status 2 and a single line."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        common.run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"{script}: error: "), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
+    common.save_checkpoint(path, {"model_config": common.config_dict(TINY),
+                                  "diffusion_config": common.config_dict(DiffusionConfig(prediction="x0")),
+                                  "model": DiT(TINY).state_dict(), "ema": None, "step": 0,
+                                  "class_names": [str(i) for i in range(10)]})
+    return str(path)
+
+
+# ---------------------------------------------------------------- checkpoints given to sample.py
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def bad_checkpoints(folder, good):
+    """name -> (path, expected words in the message)."""
+    raw = open(good, "rb").read()
+    cases = {}
+    (folder / "truncated.pt").write_bytes(raw[: len(raw) // 2])
+    cases["truncated"] = (folder / "truncated.pt", "not a readable checkpoint")
+    (folder / "random.pt").write_bytes(os.urandom(4096))
+    cases["random bytes"] = (folder / "random.pt", "not a readable checkpoint")
+    torch.save({"a": Evil()}, folder / "evil.pt")
+    cases["pickled code"] = (folder / "evil.pt", "pickled code")
+    with open(folder / "plain.pkl", "wb") as f:
+        pickle.dump({"format": common.CHECKPOINT_FORMAT}, f)
+    cases["plain pickle"] = (folder / "plain.pkl", "not a readable checkpoint")
+    torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
+    cases["another project's .pt"] = (folder / "foreign.pt", "not a DiT checkpoint")
+    state = torch.load(good, weights_only=True)
+    torch.save({**state, "version": 99}, folder / "future.pt")
+    cases["format version"] = (folder / "future.pt", "format version 99")
+    bigger = {**state, "model_config": {**state["model_config"], "hidden_size": 32}}
+    torch.save(bigger, folder / "mismatch.pt")
+    cases["weights of another model"] = (folder / "mismatch.pt", "do not match")
+    torch.save({**state, "model_config": {**state["model_config"], "wings": 2}}, folder / "unknown.pt")
+    cases["unknown config field"] = (folder / "unknown.pt", "config this code does not understand")
+    cases["missing file"] = (folder / "nope.pt", "does not exist")
+    return cases
+
+
+def test_bad_checkpoints(ckpt, tmp_path, capsys, monkeypatch):
+    for name, (path, words) in bad_checkpoints(tmp_path, ckpt).items():
+        err = one_line_error(capsys, monkeypatch, "sample.py", sample.main, ["--ckpt", str(path), "--out",
+                                                                              str(tmp_path / "g.png")])
+        assert words in err and str(path) in err, (name, err)
+
+
+# ---------------------------------------------------------------- sampling flags and labels
+
+@pytest.mark.parametrize("argv,words", [
+    (["--labels", "2 elevn 4"], "unknown label 'elevn'"),
+    (["--labels", "3 10"], "label 10 is out of range"),
+    (["--labels", "-1"], "label -1 is out of range"),
+    (["--num-samples", "0"], "--num-samples must be > 0"),
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--steps", "-5"], "--steps must be > 0"),
+    (["--steps", "1001"], "exceeds the 1000 timesteps"),
+    (["--labels", "1", "--num-samples", "3"], "either --labels or --num-samples"),
+    (["--device", "cuda:0"], "no CUDA GPU"),
+])
+def test_bad_sampling_flags(ckpt, tmp_path, capsys, monkeypatch, argv, words):
+    if argv[:2] == ["--device", "cuda:0"] and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    err = one_line_error(capsys, monkeypatch, "sample.py", sample.main,
+                         ["--ckpt", ckpt, "--out", str(tmp_path / "g.png"), *argv])
+    assert words in err, err
+
+
+def test_unwritable_outputs(ckpt, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("a file, not a folder")
+    err = one_line_error(capsys, monkeypatch, "sample.py", sample.main,
+                         ["--ckpt", ckpt, "--out", str(tmp_path / "file" / "g.png")])
+    assert "cannot write" in err
+    err = one_line_error(capsys, monkeypatch, "train.py", train.main,
+                         ["--tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "file" / "run")])
+    assert "cannot write" in err or str(tmp_path / "file") in err
+
+
+# ---------------------------------------------------------------- training flags and data
+
+@pytest.mark.parametrize("argv,words", [
+    (["--steps", "0"], "--steps must be > 0"),
+    (["--steps", "-3"], "--steps must be > 0"),
+    (["--model", "DiT-Q/3"], "unknown --model 'DiT-Q/3'"),
+    (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+])
+def test_bad_training_flags(tmp_path, capsys, monkeypatch, argv, words):
+    err = one_line_error(capsys, monkeypatch, "train.py", train.main,
+                         ["--tiny", "--data-dir", MNIST, "--out", str(tmp_path / "run"), *argv])
+    assert words in err, err
+
+
+@pytest.fixture()
+def mnist_copy(tmp_path):
+    if not os.path.isdir(MNIST):
+        pytest.skip("../shared/data/mnist is absent")
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    return folder
+
+
+def corrupt_labels(folder, how):
+    path = folder / "train-labels-idx1-ubyte.gz"
+    raw = path.read_bytes()
+    if how == "bad md5":                      # a valid gzip of one changed label
+        payload = bytearray(gzip.decompress(raw))
+        payload[-1] = (payload[-1] + 1) % 10
+        path.write_bytes(gzip.compress(bytes(payload)))
+    elif how == "truncated gzip":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif how == "wrong IDX magic":
+        payload = bytearray(gzip.decompress(raw))
+        payload[3] = 0x03
+        path.write_bytes(gzip.compress(bytes(payload)))
+    elif how == "missing":
+        path.unlink()
+    return path
+
+
+@pytest.mark.parametrize("how,words", [
+    ("bad md5", "does not match"), ("truncated gzip", "truncated gzip"),
+    ("wrong IDX magic", "does not match"), ("missing", "train-labels-idx1-ubyte"),
+])
+def test_corrupt_dataset_files_stop_training_with_one_line(mnist_copy, tmp_path, capsys, monkeypatch, how, words):
+    path = corrupt_labels(mnist_copy, how)
+    err = one_line_error(capsys, monkeypatch, "train.py", train.main,
+                         ["--tiny", "--data-dir", str(mnist_copy), "--out", str(tmp_path / "run")])
+    assert words in err and path.name in err, err
+
+
+@pytest.mark.parametrize("how,words", [("truncated gzip", "truncated"), ("wrong IDX magic", "magic")])
+def test_corrupt_file_that_passes_md5_names_the_real_problem(mnist_copy, tmp_path, monkeypatch, how, words):
+    # With the MD5 gate passed (sums registered for these very files), the IDX parser's own checks speak.
+    path = corrupt_labels(mnist_copy, how)
+    sums = dict(data.IDX_MD5["mnist"])
+    sums["train-labels-idx1-ubyte"] = (hashlib.md5(path.read_bytes()).hexdigest(), "")
+    monkeypatch.setitem(data.IDX_MD5, "mnist", sums)
+    with pytest.raises(data.DataError) as e:
+        data.load_dataset("mnist", data_dir=str(mnist_copy))
+    assert words in str(e.value).lower() and path.name in str(e.value) and "\n" not in str(e.value)
+
+
+def test_folder_dataset_without_images(tmp_path, capsys, monkeypatch):
+    (tmp_path / "empty" / "cats").mkdir(parents=True)
+    err = one_line_error(capsys, monkeypatch, "train.py", train.main,
+                         ["--tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
+                          "--out", str(tmp_path / "run")])
+    assert "no images" in err, err
