@@ -1,0 +1,470 @@
+"""
+How fast each way of running the DiT is, next to the plain PyTorch baseline, measured in one run.
+
+    python bench.py                                   # CPU: DiT-T/4 (GPU rows run by themselves on a GPU)
+    python bench.py --preset DiT-S/4 --batch-sizes 8,64 --json bench.json
+    python bench.py --ckpt runs/DiT-T-4-mnist/ckpt.pt --ddpm measure
+    python bench.py --quick                           # seconds, a tiny model: checks the script, not speed
+
+What is timed, per backend (a way of running the same weights, see speedups.py):
+  sampling  one network evaluation at each --batch-sizes (evaluations/s); 64 digits with the default
+            sampler (sample.py's: DDIM 25 steps, guidance 2, so 128-image network batches) and with
+            DDPM-1000; how far each backend's digits are from the baseline's (same noise);
+  training  one optimiser step at batch 128: images/s, peak memory (GPU: also the largest batch).
+The baseline row is eager fp32 PyTorch: no fusion, no compile, no graphs, as the official DiT code runs.
+Rows are timed interleaved (every repeat runs each row once, in rotating order) after warm-up, and a
+number is the median of the repeats with their spread [min-max]: a busy machine slows all rows alike,
+so the ratios hold better than the absolute times. The floor is the counted FLOPs per evaluation
+divided by the peak FLOP/s of a large matmul measured in the same run.
+"""
+import os
+
+# OpenMP threads that spin at barriers while another job holds the core made eager PyTorch 10x slower
+# on our shared 2-core machine (1680 vs 178 ms per DiT-T/4 batch-64 call, measured): sleep instead. Must
+# be set before torch loads OpenMP; every row runs under it; the report prints it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402  (after the OpenMP setting on purpose)
+import contextlib  # noqa: E402
+import copy  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+import speedups  # noqa: E402
+from backends import OrtBackend, TrtBackend  # noqa: E402
+from common import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, UserError, atomic_write,  # noqa: E402
+                    config_dict, model_from_checkpoint, pick_device, run_cli)
+from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
+
+SEED_RECIPE_STEPS = 30_000
+QUICK_MODEL = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=8)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                     Backends under test
+# ----------------------------------------------------------------------------------------------
+
+def sampling_backends(device, low, onnx_path, trt_engine, ckpt):
+    """name -> (factory(model) -> f(x, t, y), precision of its matmuls). The first is the baseline."""
+    lp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
+    rows = {"eager": (speedups.eager_fn, "fp32")}
+    if device.type == "cpu":
+        if lp:
+            rows[lp] = (lambda m: speedups.low_precision_fn(m, low), lp)
+        rows["compile"] = (speedups.compiled_fn, "fp32")
+        if lp:
+            rows[f"compile-{lp}"] = (lambda m: speedups.compiled_fn(m, low), lp)
+        rows["ort"] = (lambda m: ort_fn(onnx_path(m)), "fp32")
+    else:
+        rows["tf32"] = (speedups.tf32_fn, "tf32")
+        rows[lp] = (lambda m: speedups.low_precision_fn(m, low), lp)
+        rows[f"cudagraph-{lp}"] = (lambda m: speedups.CudaGraphFn(m, low), lp)
+        rows[f"compile-{lp}-graphs"] = (lambda m: speedups.compiled_fn(m, low, mode="reduce-overhead"), lp)
+        if trt_engine:
+            rows["trt-fp16-graphs"] = (lambda m: TrtBackend(trt_engine, cuda_graph=True, ckpt_path=ckpt), "fp16")
+    return rows
+
+
+def training_backends(device, low):
+    """name -> (factory(model) -> (model call, optimizer), precision, changes numerics?)."""
+    lp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
+    adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    fused = lambda m: speedups.make_adamw(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    rows = {"eager": (lambda m: (m, adamw(m)), "fp32", False),
+            "fused-adamw": (lambda m: (m, fused(m)), "fp32", False),
+            "compile+fused": (lambda m: (speedups.training_fn(m), fused(m)), "fp32", False)}
+    if lp:
+        rows[f"amp-{lp}"] = (lambda m: (speedups.training_fn(m, compile=False, amp_dtype=low), fused(m)), lp, True)
+        rows[f"compile+amp-{lp}"] = (lambda m: (speedups.training_fn(m, amp_dtype=low), fused(m)), lp, True)
+    return rows
+
+
+def ort_fn(path):
+    """backends.OrtBackend on the CPU, its session reopened with speedups.ort_session_options (threads and
+    spinning as the torch rows; OrtBackend itself takes no session options)."""
+    import onnxruntime
+    backend = OrtBackend(path, providers=["CPUExecutionProvider"], meta={"source": "bench.py export"})
+    backend.session = onnxruntime.InferenceSession(path, sess_options=speedups.ort_session_options(),
+                                                   providers=["CPUExecutionProvider"])
+    return backend
+
+
+def export_onnx(model, folder):
+    """fp32 ONNX of the model with a dynamic batch (opset 20, torch.export-based; notes/tensorrt_onnx.md 3)."""
+    path = os.path.join(folder, "bench.onnx")
+    c = model.config
+    example = (torch.randn(2, c.in_channels, c.image_size, c.image_size), torch.zeros(2, dtype=torch.long),
+               torch.zeros(2, dtype=torch.long))
+    batch = torch.export.Dim("batch", min=1)
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), example, path, input_names=["x", "t", "y"], output_names=["out"],
+                          dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
+                          opset_version=20, dynamo=True, verbose=False)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       The three benchmarks
+# ----------------------------------------------------------------------------------------------
+
+def bench_evaluations(fns, model, batch_sizes, args, device, sync):
+    """One network evaluation per backend and batch size: evaluations/s, ratio, agreement with the baseline."""
+    rows, c, gen = [], model.config, torch.Generator().manual_seed(0)
+    for n in batch_sizes:
+        x = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=gen).to(device)
+        t = torch.randint(0, 1000, (n,), generator=gen).to(device)
+        y = torch.randint(0, c.num_classes, (n,), generator=gen).to(device)
+        outs, setup = {}, {}
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            outs[name] = fn(x, t, y).float()            # first call: compiles / captures / allocates
+            sync()
+            setup[name] = time.perf_counter() - start
+            for _ in range(args.warmup):
+                fn(x, t, y)
+        one = min(speedups.interleaved({"eager": lambda: fns["eager"](x, t, y)}, 3, sync)["eager"])
+        iters = max(1, min(200, round(args.target_seconds / one)))
+        times = speedups.interleaved({name: (lambda fn=fn: [fn(x, t, y) for _ in range(iters)]) for name, fn in fns.items()},
+                            args.repeats, sync)
+        for name in fns:
+            s = speedups.spread(times[name], 1000 / iters)
+            rows.append({"backend": name, "batch": n, "ms_per_eval": s, "evals_per_s": 1000 / s["median"],
+                         "max_abs_diff": (outs[name] - outs["eager"]).abs().max().item(),
+                         "first_call_s": setup[name], "iters": iters})
+    return rows
+
+
+def sample_digits(fn, diffusion, config, args, device, sampler, steps):
+    """args.digits images (labels 0, 1, 2, ...) from fixed noise: the same start for every backend."""
+    shape = (args.digits, config.in_channels, config.image_size, config.image_size)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(args.digits) % config.num_classes
+    return diffusion.sample(fn, shape, y, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
+                            null_class=config.null_class, noise=noise, generator=torch.Generator().manual_seed(1),
+                            device=device)
+
+
+def bench_sampling(fns, model, diffusion, args, device, sync):
+    """args.digits digits with the default sampler (interleaved repeats) and DDPM-1000 (measured once or estimated)."""
+    images = {}
+    run = lambda name: images.__setitem__(name, sample_digits(fns[name], diffusion, model.config, args, device,
+                                                              args.sampler, args.steps))
+    times = speedups.interleaved({name: (lambda name=name: run(name)) for name in fns}, args.sample_repeats, sync)
+    rows = []
+    for name in fns:
+        levels = (images[name] - images["eager"]).abs() * 127.5          # [-1, 1] -> 0..255 grey levels
+        rows.append({"backend": name, "seconds": speedups.spread(times[name]), "max_diff_levels": levels.max().item(),
+                     "mean_diff_levels": levels.mean().item()})
+    measure = [b for b in args.ddpm_backends.split(",") if b in fns] if args.ddpm == "measure" else []
+    for row in rows:
+        if row["backend"] in measure:
+            sync()
+            start = time.perf_counter()
+            sample_digits(fns[row["backend"]], diffusion, model.config, args, device, "ddpm", diffusion.num_timesteps)
+            sync()
+            row["ddpm_seconds"], row["ddpm_how"] = time.perf_counter() - start, "measured once"
+        elif args.ddpm != "off":
+            per_step = row["seconds"]["median"] / args.steps
+            row["ddpm_seconds"], row["ddpm_how"] = per_step * diffusion.num_timesteps, "estimated"
+    return rows
+
+
+def bench_training(makers, model, diffusion, args, device, sync):
+    """One AdamW step (loss, backward, clip, update) at args.train_batch on random images, per backend."""
+    c, n = model.config, args.train_batch
+    x0 = (torch.rand(n, c.in_channels, c.image_size, c.image_size) * 2 - 1).to(device)
+    y = torch.randint(0, c.num_classes, (n,)).to(device)
+    steps, rows = {}, []
+    for name, (make, _, _) in makers.items():
+        net = copy.deepcopy(model).train()
+        fn, opt = make(net)
+
+        def step(fn=fn, opt=opt, net=net, x0=x0, y=y):
+            opt.zero_grad(set_to_none=True)
+            diffusion.training_loss(fn, x0, y)["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+        sync()
+        start = time.perf_counter()
+        for _ in range(1 + args.warmup):
+            step()
+        sync()
+        first = time.perf_counter() - start
+        resident = sum(p.numel() * p.element_size() for p in net.parameters()) + sum(
+            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+        with speedups.PeakMemory(device) as mem:
+            step()
+        steps[name] = step
+        rows.append({"backend": name, "batch": n, "warmup_s": first, "peak_memory_bytes": resident + mem.peak,
+                     "largest_batch": largest_batch(make, model, diffusion, device) if device.type == "cuda"
+                     and not name.startswith("compile") else None})
+    times = speedups.interleaved(steps, args.repeats, sync)
+    for row in rows:
+        row["seconds_per_step"] = speedups.spread(times[row["backend"]])
+        row["images_per_s"] = n / row["seconds_per_step"]["median"]
+    return rows
+
+
+def largest_batch(make, model, diffusion, device, limit=1 << 15):
+    """The largest power-of-two training batch (from 128) whose step fits in GPU memory."""
+    net = copy.deepcopy(model).train()
+    fn, opt = make(net)
+    c, fits, n = model.config, None, 128
+    while n <= limit:
+        try:
+            x0 = torch.zeros(n, c.in_channels, c.image_size, c.image_size, device=device)
+            y = torch.zeros(n, dtype=torch.long, device=device)
+            opt.zero_grad(set_to_none=True)
+            diffusion.training_loss(fn, x0, y)["loss"].backward()
+            opt.step()
+            torch.cuda.synchronize()
+            fits, n = n, n * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            x0 = y = None
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+    return fits
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          The report
+# ----------------------------------------------------------------------------------------------
+
+def fmt_spread(s, digits=1):
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def table(header, rows):
+    return ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + \
+           ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+
+
+def report(r):
+    """The results as markdown: machine, model, peak and floor lines, then one table per benchmark."""
+    m, mo, a, peaks = r["machine"], r["model"], r["args"], r["peak_flops"]
+    per_digit = a["steps"] * (2 if a["cfg_scale"] != 1 else 1)
+    lines = [f"# bench.py: {mo['name']} on {r['device']}", "", f"- command: `{r['command']}`",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU bf16 units: "
+             f"{', '.join(m['cpu_bf16']) if isinstance(m['cpu_bf16'], list) else m['cpu_bf16']}, GPU: {m['gpu'] or 'none'}; "
+             + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+             + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}; 1-min load average {m['load_average_start']:.1f} at "
+             f"start, {m['load_average_end']:.1f} at end (above the core count: other jobs shared the cores)",
+             f"- model: {mo['name']}, {mo['parameters'] / 1e6:.2f} M parameters, weights: {mo['weights']}",
+             f"- FLOPs per image and evaluation, counted (FlopCounterMode: matmuls, conv, attention): "
+             f"{mo['flops_forward'] / 1e9:.4g} G forward, {mo['flops_train'] / 1e9:.4g} G forward+backward",
+             "- peak, best of 5 square matmuls in this run: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
+                                                                          for k, v in peaks.items())]
+    if r["evaluations"]:
+        lines += ["", f"## One network evaluation: ms, median of {a['repeats']} interleaved repeats [min-max]"]
+        base = {row["batch"]: row["evals_per_s"] for row in r["evaluations"] if row["backend"] == "eager"}
+        lines += table(["backend", "batch", "ms / evaluation", "evaluations/s", "x eager", "% of peak",
+                        "first call s", "max abs diff vs eager"],
+                       [[row["backend"], row["batch"], fmt_spread(row["ms_per_eval"], 2), f"{row['evals_per_s']:.1f}",
+                         f"{row['evals_per_s'] / base[row['batch']]:.2f}", f"{row['peak_fraction'] * 100:.0f} %",
+                         f"{row['first_call_s']:.1f}", f"{row['max_abs_diff']:.1e}"] for row in r["evaluations"]])
+    if r["sampling"]:
+        base = r["sampling"][0]
+        lines += ["", f"## {a['digits']} digits: seconds, median of {a['sample_repeats']} interleaved repeats "
+                  f"[min-max] (guidance doubles the network batch to {a['digits'] * per_digit // a['steps']})"]
+        lines += table(["backend", f"{a['sampler']} {a['steps']} steps, cfg {a['cfg_scale']:g}", "x eager",
+                        f"DDPM-{r['num_timesteps']}", "x eager", "digits vs eager's: max / mean diff, grey levels"],
+                       [[row["backend"], fmt_spread(row["seconds"], 2),
+                         f"{base['seconds']['median'] / row['seconds']['median']:.2f}",
+                         f"{row['ddpm_seconds']:.1f} ({row['ddpm_how']})" if "ddpm_seconds" in row else "-",
+                         f"{base['ddpm_seconds'] / row['ddpm_seconds']:.2f}" if "ddpm_seconds" in row else "-",
+                         f"{row['max_diff_levels']:.1f} / {row['mean_diff_levels']:.2f}"] for row in r["sampling"]])
+        lines += ["", f"Floor, counted FLOPs / measured peak: {a['sampler']} {a['steps']} steps "
+                  + ", ".join(f"{v:.3g} s at {k}" for k, v in r["floor"]["sampling_s"].items())
+                  + f"; DDPM-{r['num_timesteps']} " + ", ".join(f"{v:.3g} s at {k}" for k, v in r["floor"]["ddpm_s"].items())
+                  + f". Network evaluations per digit: {per_digit} vs {per_digit // a['steps'] * r['num_timesteps']} "
+                  f"({r['num_timesteps'] / a['steps']:.0f}x fewer; equal quality is evaluate.py's to show)."]
+    if r["training"]:
+        base = r["training"][0]
+        lines += ["", f"## Training step at batch {a['train_batch']}: median of {a['repeats']} interleaved repeats "
+                  "[min-max]"]
+        lines += table(["backend", "images/s", "s / step", "x eager", "% of peak", "peak memory MiB", "largest batch",
+                        "same arithmetic as eager"],
+                       [[row["backend"], f"{row['images_per_s']:.0f}", fmt_spread(row["seconds_per_step"], 3),
+                         f"{row['images_per_s'] / base['images_per_s']:.2f}", f"{row['peak_fraction'] * 100:.0f} %",
+                         f"{row['peak_memory_bytes'] / 2**20:.0f}", row["largest_batch"] or "-",
+                         "no (low precision)" if row["changes_numerics"] else "yes (fp32)"] for row in r["training"]])
+        best = max((row for row in r["training"] if not row["changes_numerics"]), key=lambda row: row["images_per_s"])
+        hours = lambda row: SEED_RECIPE_STEPS * row["seconds_per_step"]["median"] / 3600
+        lines += ["", f"{SEED_RECIPE_STEPS} steps at batch {a['train_batch']} (the seed recipe's length) for "
+                  f"{mo['name']} on this {r['device']}, from the median step time: eager {hours(base):.2f} h, "
+                  f"{best['backend']} {hours(best):.2f} h (data loading, EMA and sample grids not included)."]
+    lines += [""] + [f"- {note}" for note in r["notes"]]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            main
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
+    a = p.add_argument
+    a("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
+    a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    a("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    a("--batch-sizes", default=None, help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
+    a("--backends", default=None, help="comma-separated sampling rows (default: all for the device; eager always)")
+    a("--train-backends", default=None, help="comma-separated training rows, or none (default: all)")
+    a("--repeats", type=int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
+    a("--sample-repeats", type=int, default=None, help="interleaved repeats of the digit sampling (default 3)")
+    a("--warmup", type=int, default=None, help="untimed calls per row before timing (default 2)")
+    a("--target-seconds", type=float, default=None, help="length of one timed run of evaluations (default 0.3)")
+    a("--digits", type=int, default=None, help="digits to sample (default 64)")
+    a("--sampler", default=DEFAULT_SAMPLER)
+    a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
+    a("--cfg-scale", type=float, default=DEFAULT_CFG)
+    a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
+      help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
+    a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
+    a("--train-batch", type=int, default=None, help="training batch (default 128)")
+    a("--onnx", default=None, help="fp32 ONNX of the same weights for the ort row (default: export one)")
+    a("--trt-engine", default=None, help="TensorRT engine from export.py (same --ckpt) for the trt row")
+    a("--json", default=None, help="also write the results here as JSON")
+    a("--quick", action="store_true", help="a tiny model, one batch size, few repeats: seconds, for tests")
+    args = p.parse_args(argv)
+    defaults = dict(repeats=5, sample_repeats=3, warmup=2, target_seconds=0.3, digits=64, steps=DEFAULT_STEPS,
+                    train_batch=128)
+    if args.quick:
+        defaults.update(repeats=2, sample_repeats=1, warmup=1, target_seconds=0.01, digits=8, steps=4, train_batch=8,
+                        batch_sizes="4")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("repeats", "sample_repeats", "digits", "steps", "train_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+def pick_rows(available, wanted, flag, default):
+    """The rows named in a --backends flag, validated, baseline first."""
+    if wanted is None:
+        return list(default)
+    names = [] if wanted == "none" else [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [w for w in names if w not in available]
+    if unknown:
+        raise UserError(f"{flag}: unknown row {unknown[0]!r} on this device; choose from {', '.join(available)}")
+    return ["eager"] + [w for w in names if w != "eager"] if names else []
+
+
+def load_model(args, device):
+    """(model, diffusion, weights description): trained weights, or random ones where no block is the identity."""
+    if args.ckpt:
+        model, diffusion, _, ckpt = model_from_checkpoint(args.ckpt, device)
+        return model, diffusion, f"{args.ckpt} (step {ckpt.get('step')}, EMA)"
+    name = args.preset or ("DiT-S/4" if device.type == "cuda" else "DiT-T/4")
+    if args.quick:
+        config = QUICK_MODEL
+    elif name in PRESETS:
+        config = PRESETS[name]
+    else:
+        raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
+    torch.manual_seed(0)
+    model = DiT(config)
+    # A fresh DiT outputs exactly 0 (adaLN-Zero): give the zeroed layers random weights so every block
+    # computes something and the digit comparison between backends means something.
+    for p in model.parameters():
+        if not p.detach().abs().sum():
+            torch.nn.init.normal_(p, std=0.02)
+    return model.to(device).eval(), GaussianDiffusion(DiffusionConfig(prediction="x0")), "random"
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    model, diffusion, weights = load_model(args, device)
+    preset = "tiny (--quick)" if args.quick else next((k for k, v in PRESETS.items() if v == model.config), "custom")
+    batch_sizes = [int(b) for b in (args.batch_sizes or ("8,64,256" if device.type == "cuda" else "8,64")).split(",")]
+    low = speedups.default_low_precision(device)
+    notes, tmp = [], tempfile.TemporaryDirectory(prefix="bench-")
+
+    def onnx_path(m):
+        if args.onnx:
+            return args.onnx
+        start = time.perf_counter()
+        path = export_onnx(copy.deepcopy(m).cpu(), tmp.name)
+        notes.append(f"ort: fp32 ONNX exported in {time.perf_counter() - start:.1f} s (opset 20, dynamic batch)")
+        return path
+
+    if args.trt_engine and not args.ckpt:
+        raise UserError("--trt-engine needs --ckpt, the checkpoint the engine was built from (bench compares them)")
+    available = sampling_backends(device, low, onnx_path, args.trt_engine, args.ckpt)
+    quick_default = [k for k in available if not k.startswith(("compile", "ort"))]
+    names = pick_rows(available, args.backends, "--backends", quick_default if args.quick else available)
+    if device.type == "cuda" and not args.trt_engine:
+        notes.append("trt row not run: pass --trt-engine ENGINE (python export.py --ckpt CKPT builds it)")
+    train_available = training_backends(device, low)
+    train_names = pick_rows(train_available, args.train_backends, "--train-backends",
+                            ["eager", "fused-adamw"] if args.quick else train_available)
+
+    info = speedups.machine_info(device)
+    peak_n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
+    torch.backends.cuda.matmul.allow_tf32 = False           # the fp32 rows are fp32 (only the tf32 row sets it)
+    peaks = {"fp32": speedups.measure_matmul_peak(device, torch.float32, n=peak_n)}
+    if low is not None:
+        peaks[{torch.bfloat16: "bf16", torch.float16: "fp16"}[low]] = speedups.measure_matmul_peak(device, low, n=peak_n)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        peaks["tf32"] = speedups.measure_matmul_peak(device, torch.float32, n=peak_n)
+        torch.backends.cuda.matmul.allow_tf32 = False
+    flops = speedups.count_flops(copy.deepcopy(model), 1)
+    flops_train = speedups.count_flops(copy.deepcopy(model).train(), 1, backward=True)
+
+    fns = {name: available[name][0](model) for name in names}
+    evaluations = bench_evaluations(fns, model, batch_sizes, args, device, sync) if names else []
+    for row in evaluations:
+        row["peak_fraction"] = flops * row["batch"] * row["evals_per_s"] / peaks[available[row["backend"]][1]]
+    sampling = []
+    if names:
+        c, n_net = model.config, args.digits * (2 if args.cfg_scale != 1 else 1)
+        warm = (torch.randn(n_net, c.in_channels, c.image_size, c.image_size, device=device),
+                torch.zeros(n_net, dtype=torch.long, device=device), torch.zeros(n_net, dtype=torch.long, device=device))
+        for fn in fns.values():
+            fn(*warm)                                    # compile / capture the sampling batch before timing
+        sampling = bench_sampling(fns, model, diffusion, args, device, sync)
+    makers = {name: train_available[name] for name in train_names}
+    training = bench_training(makers, model, diffusion, args, device, sync) if makers else []
+    for row in training:
+        _, precision, row["changes_numerics"] = makers[row["backend"]]
+        row["peak_fraction"] = flops_train * row["images_per_s"] / peaks[precision]
+    info["load_average_end"] = os.getloadavg()[0]
+    nfe_images = args.digits * (2 if args.cfg_scale != 1 else 1)
+    result = {
+        "command": " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "device": str(device), "machine": info, "num_timesteps": diffusion.num_timesteps, "args": vars(args),
+        "peak_flops": peaks, "notes": notes,
+        "model": {"name": preset, "config": config_dict(model.config), "parameters": count_parameters(model),
+                  "weights": weights, "flops_forward": flops, "flops_train": flops_train},
+        "floor": {"sampling_s": {k: args.steps * nfe_images * flops / v for k, v in peaks.items()},
+                  "ddpm_s": {k: diffusion.num_timesteps * nfe_images * flops / v for k, v in peaks.items()}},
+        "evaluations": evaluations, "sampling": sampling, "training": training}
+    print(report(result))
+    if args.json:
+        atomic_write(args.json, lambda f: json.dump(result, f, indent=1), binary=False)
+    tmp.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)
