@@ -194,7 +194,7 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
         bench.main(["--quick", "--json", str(tmp_path / "bench.json")])
     text = out.getvalue()
     for needle in ("- machine: ", "torch 2", "- FLOPs per image", "- peak, best of 5", "| backend | batch | ms / evaluation "
-                   "| evaluations/s | x eager | % of peak |", "DDPM-1000", "grey levels", "Floor, counted FLOPs",
+                   "| evaluations/s | x eager | % of peak |", "DDPM-1000", "grey levels", "same digits (mean <= 1, max <= 32)", "Floor, counted FLOPs",
                    "| backend | images/s | s / step | x eager | % of peak | peak memory MiB | largest batch |",
                    "30000 steps at batch 8"):
         assert needle in text, needle
@@ -202,6 +202,7 @@ def test_bench_quick_prints_every_table_and_writes_json(tmp_path):
     rows = result["evaluations"]
     assert rows[0]["backend"] == "eager" and rows[0]["max_abs_diff"] == 0
     assert result["sampling"][0]["max_diff_levels"] == 0 and result["sampling"][0]["ddpm_how"] == "estimated"
+    assert all(r["same_digits"] for r in result["sampling"])            # bf16 of a tiny net: within tolerance
     assert result["model"]["flops_forward"] == hand_count(bench.QUICK_MODEL, 1)
     assert all(r["ms_per_eval"]["min"] <= r["ms_per_eval"]["median"] <= r["ms_per_eval"]["max"] for r in rows)
     assert [r["backend"] for r in result["training"]] == ["eager", "fused-adamw"]
