@@ -3,7 +3,7 @@ How fast each way of running the DiT is, next to the plain PyTorch baseline, mea
 
     python bench.py                                   # CPU: DiT-T/4 (GPU rows run by themselves on a GPU)
     python bench.py --preset DiT-S/4 --batch-sizes 8,64 --json bench.json
-    python bench.py --ckpt runs/DiT-T-4-mnist/ckpt.pt --ddpm measure
+    python bench.py --ckpt runs/cpu-t4/ckpt.pt --ddpm measure
     python bench.py --quick                           # seconds, a tiny model: checks the script, not speed
 
 What is timed, per backend (a way of running the same weights, see speedups.py):
@@ -21,8 +21,10 @@ import os
 
 # OpenMP threads that spin at barriers while another job holds the core made eager PyTorch 10x slower
 # on our shared 2-core machine (1680 vs 178 ms per DiT-T/4 batch-64 call, measured): sleep instead. Must
-# be set before torch loads OpenMP; every row runs under it; the report prints it.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# be set before torch loads OpenMP; every row runs under it; the report prints it. (Only when run as a
+# script: importing bench.py changes no environment.)
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402  (after the OpenMP setting on purpose)
 import contextlib  # noqa: E402
