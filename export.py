@@ -17,12 +17,13 @@ network's raw prediction (eps, x0 or v per the checkpoint's diffusion_config.pre
 variance channels when learn_sigma). N is dynamic. TensorRT 11 has no fp16 builder flag: precision
 comes from the ONNX types alone (strongly typed), hence the separate fp16 graph.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
 import argparse
 import collections
 import contextlib
 import copy
 import logging
-import os
 import shutil
 import tempfile
 import time

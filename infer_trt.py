@@ -14,8 +14,9 @@ exported from, or the run stops with the command that fixes it.
 Backend (default: the fastest available): trt (TensorRT + CUDA GPU), else ort, else torch. A missing
 file for the chosen backend is looked up next to the others: model_fp16.engine, model.onnx.
 """
-import argparse
 import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
+import argparse
 import time
 
 import torch

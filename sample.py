@@ -10,6 +10,8 @@ Sampling uses the EMA weights unless --no-ema. Noise for all images is drawn up 
 CPU generator seeded with --seed, so a seed gives the same images whatever --batch-size or device
 (exactly so for the deterministic samplers: ddim with eta 0, dpm++2m).
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
 import argparse
 
 import torch

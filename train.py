@@ -29,12 +29,13 @@ r::world. So N ranks see exactly the batch one process would see, and the averag
 is the single-process gradient. Only label dropout (inside the model) uses the global RNG, seeded
 with seed + rank. Every RNG state is checkpointed: a resumed run continues bit-identically (CPU).
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
 import argparse
 import contextlib
 import csv
 import dataclasses
 import math
-import os
 import re
 import signal
 import sys
@@ -44,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import speedups
 from common import UserError, config_dict, load_checkpoint, pick_device, run_cli, save_checkpoint, save_grid
 from diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig, PRESETS, count_parameters
@@ -91,7 +93,7 @@ def build_parser():
     a("--log-every", type=int, default=50)
     a("--amp", default="auto", choices=("auto", "off", "fp16", "bf16"),
       help="auto: bf16 on GPUs that have it, fp16 + GradScaler on others (T4), off on CPU")
-    a("--compile", action="store_true", help="torch.compile the model")
+    a("--compile", action="store_true", help="torch.compile the training step (1.2x on a 2-core CPU; bench.py)")
     a("--threads", type=int, default=None,
       help="CPU threads (default: torch's, one per core); 1 is much faster when other jobs share the cores")
     a("--max-minutes", type=float, default=None, help="stop cleanly after this wall time, with a checkpoint")
@@ -323,8 +325,8 @@ def train(args, rank, world, device):
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        net = torch.compile(net)
+    if args.compile:    # fuses forward+backward; same fp32 math and label-dropout draws (speedups.py)
+        net = speedups.training_fn(net)
     say(f"{args.model}{' (tiny)' if args.tiny else ''}: {count_parameters(model) / 1e6:.2f}M parameters, "
         f"{args.prediction}-prediction, {args.dataset} {tuple(images.shape)}, batch {args.batch_size}"
         f"{f' over {world} processes' if world > 1 else ''}, device {device}, amp {amp_dtype or 'off'} -> {out}")
