@@ -111,3 +111,10 @@ def check_one_line_error(capsys, monkeypatch, argv, message):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sample.py: error:") and message in err, err
+
+
+def test_bf16_precision_draws_the_fp32_digits_within_tolerance(ckpt, tmp_path):
+    a = np.asarray(Image.open(run(ckpt, tmp_path, "--labels", "1 2 3 4", name="fp32.png")), dtype=int)
+    b = np.asarray(Image.open(run(ckpt, tmp_path, "--labels", "1 2 3 4", "--precision", "bf16", name="bf16.png")),
+                   dtype=int)
+    assert np.abs(a - b).mean() <= 2 and not np.array_equal(a, b)   # close, and bf16 really ran
