@@ -16,9 +16,10 @@ Metrics (fixed seeds and counts, so runs compare):
   floor          the same FD for as many real training digits (same per-class counts): FD is biased
                  upward for small N, so a score is only read against the floor of the same N.
 """
+import os
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
 import argparse
 import json
-import os
 import sys
 import time
 
@@ -336,13 +337,14 @@ def machine():
 
 
 def pick_recommended(rows, margin_fd, margin_acc):
-    """The cheapest row (fewest NFE/image, then wall time) whose FD/floor is within margin_fd (relative) of
-    the best and whose accuracy is within margin_acc of the best, among rows of the most common sample count."""
+    """Among the rows of the most common sample count, the best one is that with the lowest FD/floor; return
+    the cheapest row (fewest NFE/image, then wall time) whose FD/floor is within margin_fd (relative) of the
+    best's and whose accuracy is at most margin_acc below the best's."""
     n = max(set(r["n"] for r in rows), key=lambda k: sum(r["n"] == k for r in rows))
     same = [r for r in rows if r["n"] == n]
-    best_ratio = min(r["fd"] / r["floor"] for r in same)
-    best_acc = max(r["accuracy"] for r in same)
-    ok = [r for r in same if r["fd"] / r["floor"] <= best_ratio * (1 + margin_fd) and r["accuracy"] >= best_acc - margin_acc]
+    best = min(same, key=lambda r: r["fd"] / r["floor"])
+    ok = [r for r in same if r["fd"] / r["floor"] <= best["fd"] / best["floor"] * (1 + margin_fd)
+          and r["accuracy"] >= best["accuracy"] - margin_acc]
     return min(ok, key=lambda r: (r["nfe_per_image"], r["wall_s_per_64"]))
 
 
@@ -365,11 +367,18 @@ def run_table(args):
     settings = [parse_setting(s) for s in args.rows.split(",")]
     report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine(), "backend": args.backend, "seed": args.seed,
               "batch_size": args.batch_size, "sweep": [], "rows": []}
+    done = []   # results to reuse: this table's sweep, and with --resume those of an earlier run of the same table
+    if args.resume and args.out_json and os.path.isfile(args.out_json):
+        with open(args.out_json) as f:
+            old = json.load(f)
+        if all(old.get(k) == report[k] for k in ("ckpt", "backend", "seed", "batch_size")):
+            done = old["sweep"] + old["rows"]
+            print(f"--resume: reusing {len(done)} results from {args.out_json}", flush=True)
 
     def run(into, sampler, steps, scale, per_class):
-        done = [r for r in report["sweep"] if (r["sampler"], r["steps"], r["cfg_scale"], r["per_class"])
-                == (sampler, steps, scale, per_class)]
-        r = done[0] if done else sample_and_score(*gen, sampler, steps, scale, per_class, args.seed,
+        key = (sampler, steps, scale, per_class)
+        found = [r for r in done + report["sweep"] if (r["sampler"], r["steps"], r["cfg_scale"], r["per_class"]) == key]
+        r = found[0] if found else sample_and_score(*gen, sampler, steps, scale, per_class, args.seed,
                                                   args.batch_size, args.data_dir, args.classifier)[0]
         report[into].append(r)
         print(describe(r), flush=True)
@@ -380,9 +389,9 @@ def run_table(args):
     per_class = per_class or args.per_class
     for scale in sorted(set([1.0] + [float(s) for s in args.cfg_scales.split(",")])):
         run("sweep", sampler, steps, scale, per_class)
-    # Best scale: the lowest FD among scales whose accuracy is within margin_acc of the sweep's best.
-    top = max(r["accuracy"] for r in report["sweep"])
-    best = min((r for r in report["sweep"] if r["accuracy"] >= top - args.margin_acc), key=lambda r: r["fd"])
+    # Best scale: the lowest FD (FID's convention). Accuracy alone would pick strong guidance, whose
+    # near-identical, over-confident digits saturate accuracy while FD (diversity) gets much worse.
+    best = min(report["sweep"], key=lambda r: r["fd"])
     report["best_cfg_scale"] = best["cfg_scale"]
     print(f"best CFG scale at {args.sweep_at}: {best['cfg_scale']:g}", flush=True)
     for sampler, steps, per_class in settings:
@@ -394,8 +403,10 @@ def run_table(args):
           f"CFG sweep at {args.sweep_at}:\n\n{markdown_table(report['sweep'])}\n"
           f"Sampler settings at CFG 1 and the best scale {best['cfg_scale']:g}:\n\n"
           f"{markdown_table(report['rows'], chosen)}\n"
-          f"Chosen (cheapest within {args.margin_fd:.0%} of the best FD/floor and {args.margin_acc:.1%} of the best "
-          f"accuracy): {chosen['sampler']}-{chosen['steps']}, CFG {chosen['cfg_scale']:g}\n")
+          f"Chosen: {chosen['sampler']}-{chosen['steps']}, CFG {chosen['cfg_scale']:g}, the fewest NFE/image among the "
+          f"{chosen['n']}-sample rows within {args.margin_fd:.0%} of the best FD/floor and {args.margin_acc:.1%} of "
+          f"that row's accuracy. Wall times are for this machine and its load at the time; NFE/image is the "
+          f"load-free cost.\n")
     print("\n" + md)
     if args.out_md:
         atomic_write(args.out_md, lambda f: f.write(md), binary=False)
@@ -455,6 +466,8 @@ def main():
             p.add_argument("--margin-fd", type=float, default=0.10, help="relative FD/floor margin of the choice")
             p.add_argument("--margin-acc", type=float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
             p.add_argument("--out-md")
+            p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
+                           "interrupted run (same ckpt, backend, seed, batch size)")
         p.add_argument("--out-json")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--batch-size", type=int, default=500)

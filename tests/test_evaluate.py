@@ -173,6 +173,11 @@ def test_table_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, monkeypatch,
         [(2, 20, s) for s in scales] + [(3, 20, s) for s in scales] + [(3, 10, s) for s in scales]
     assert report["recommended"]["sampler"] == "ddim"                  # chosen among the rows of the common N
     assert "FD (MNIST-CNN)" in md.read_text() and "(chosen)" in md.read_text()
+    out = run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "2", "--rows", "ddim-2,ddim-3",
+                   "--cfg-scales", "3", "--sweep-at", "ddim-2", "--data-dir", DATA, "--out-json", str(js), "--resume")
+    assert f"reusing {2 + len(report['rows'])} results" in out                # an interrupted table goes on
+    again = json.loads(js.read_text())
+    assert again["sweep"] == report["sweep"] and again["rows"] == report["rows"][:2 * len(scales)]
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path):
