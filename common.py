@@ -238,9 +238,9 @@ def config_dict(config):
 # generator, then diffusion.sample over batches. The defaults were chosen with evaluate.py's
 # quality table (README, "Sample quality").
 
-DEFAULT_SAMPLER = "ddim"
-DEFAULT_STEPS = 25
-DEFAULT_CFG = 2.0
+DEFAULT_SAMPLER = "dpm++2m"     # 5 steps at CFG 1.25: 97.5 % accuracy, FD/floor 1.99 with 10 network
+DEFAULT_STEPS = 5               # evaluations per digit, as good as DDIM-25/50 (1.92-2.00) at 1/5-1/10 of the
+DEFAULT_CFG = 1.25              # cost; stronger guidance raises accuracy but worsens FD (README table)
 DEFAULT_NUM_SAMPLES = 64
 
 
