@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write, model_from_checkpoint, pick_device, run_cli
+from common import UserError, atomic_write, draw_samples, model_from_checkpoint, pick_device, run_cli
 from data import from_model_range, load_dataset, to_model_range
 from diffusion import SAMPLERS
 
@@ -262,22 +262,17 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
     """Draw per_class digits of each class with one sampler setting, time it, score it -> (result dict, images, labels)."""
     if not 1 <= steps <= diffusion.num_timesteps:
         raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the model's timesteps")
-    # sample.py's convention (labels 0,1,...,9,0,... and all starting noise drawn up front from one CPU
-    # generator), so the first digits scored are sample.py's grid for the same seed and setting.
+    # sample.py's labels (0, 1, ..., 9, 0, ...) and common.draw_samples (all starting noise drawn up front from
+    # one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
     labels = torch.arange(10 * per_class) % 10
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((len(labels), 1, 32, 32), generator=g)
     n = min(batch_size, len(labels)) * (1 if cfg_scale == 1.0 else 2)
     model_fn(torch.zeros(n, 1, 32, 32, device=device), torch.zeros(n, dtype=torch.long, device=device),
              torch.zeros(n, dtype=torch.long, device=device))   # warm-up: one-off setup stays out of the timing
-    chunks, start = [], time.perf_counter()
-    for i in range(0, len(labels), batch_size):
-        y = labels[i:i + batch_size]
-        x = diffusion.sample(model_fn, (len(y), 1, 32, 32), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                             null_class=cfg.null_class, noise=noise[i:i + batch_size], generator=g, device=device)
-        chunks.append(from_model_range(x).cpu())        # quantised to uint8 like a saved PNG
+    start = time.perf_counter()
+    images = draw_samples(model_fn, diffusion, cfg, labels.tolist(), torch.Generator().manual_seed(seed),
+                          sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - start
-    images = torch.cat(chunks)
+    images = from_model_range(images)                   # quantised to uint8 like a saved PNG
     result = score_images(images, labels, data_dir, classifier_path)
     result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
                   batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
@@ -333,7 +328,7 @@ def machine():
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, torch {torch.__version__}, threads: {torch.get_num_threads()}"
 
 
 def pick_recommended(rows, margin_fd, margin_acc):
