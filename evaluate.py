@@ -2,7 +2,8 @@
 Measure sample quality with the project's own yardstick: a small MNIST classifier scores generated
 digits by conditional accuracy and by the Frechet distance of its features to the real test digits.
 
-    python evaluate.py train-classifier                        # ~5 CPU-minutes -> assets/mnist_cnn.pt
+    python evaluate.py train-classifier                        # 5 epochs -> assets/mnist_cnn.pt
+    python evaluate.py score --ckpt runs/x/ckpt.pt              # sample.py's default setting, 1,000 per class
     python evaluate.py score --ckpt runs/x/ckpt.pt --sampler ddim --steps 25 --cfg-scale 2
     python evaluate.py score --npz samples.npz                  # images uint8 (N,1,32,32), labels (N,)
     python evaluate.py table --ckpt runs/x/ckpt.pt --out-md table.md --out-json table.json
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write, draw_samples, model_from_checkpoint, pick_device, run_cli
+from common import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, UserError, atomic_write, draw_samples,
+                    model_from_checkpoint, pick_device, run_cli)
 from data import from_model_range, load_dataset, to_model_range
 from diffusion import SAMPLERS
 
@@ -448,9 +450,9 @@ def main():
         src.add_argument("--ckpt", required=name == "table", help="checkpoint written by train.py")
         if name == "score":
             src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
-            p.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-            p.add_argument("--steps", type=int, default=25)
-            p.add_argument("--cfg-scale", type=float, default=1.0)
+            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="default: sample.py's")
+            p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG)
             p.add_argument("--per-class", type=int, default=1000, help="samples per class (1000: headline)")
             p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
         else:

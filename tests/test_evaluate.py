@@ -196,15 +196,14 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 
 @needs_mnist
 def test_scored_digits_are_the_ones_sample_py_draws(tiny_ckpt, tmp_path, monkeypatch, capsys):
-    """Same seed and setting: evaluate.py's first digits are sample.py's grid, pixel for pixel."""
+    """Default setting and seed of both: evaluate.py's first digits are sample.py's default grid, pixel for pixel."""
     from PIL import Image
     from common import image_grid
     npz, png = tmp_path / "e.npz", tmp_path / "s.png"
-    run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "2", "--steps", "3", "--cfg-scale", "2",
-             "--data-dir", DATA, "--save-npz", str(npz))
+    run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "2", "--data-dir", DATA,
+             "--save-npz", str(npz))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpt, "--num-samples", "20",
-                        "--steps", "3", "--cfg-scale", "2", "--sampler", "ddim", "--out", str(png)],
-                       capture_output=True, text=True)
+                        "--out", str(png)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     with np.load(npz) as z:
         ours = np.array(image_grid(torch.from_numpy(z["images"]).float() / 127.5 - 1, nrow=8))
