@@ -19,13 +19,7 @@ needs_mnist = pytest.mark.skipif(not os.path.isfile(os.path.join(DATA, "t10k-ima
                                  reason="real MNIST not at ../shared/data/mnist")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread here: tiny models thrash two OpenMP threads on a busy 2-core machine (100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """sample.py end to end on a tiny checkpoint written here: grid and label table, label parsing, seeds, errors."""
-import os
 import sys
 
 import numpy as np
@@ -15,12 +14,7 @@ from dit import DiT, DiTConfig
 CELL = 32 + 2          # image size + grid padding (common.image_grid)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
 
 
 @pytest.fixture(scope="module")
