@@ -452,6 +452,8 @@ def main(argv=None):
     rank, world, device = setup_ddp(args.device)
     try:
         signum = train(args, rank, world, device)
+        if world > 1:
+            dist.barrier()                  # no rank tears gloo down while a peer still talks to it
     except UserError:
         if rank > 0:
             sys.exit(2)                     # rank 0 prints the one-line message
