@@ -16,10 +16,15 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 import pytest  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def restore_threads():
+    """Every test leaves torch's thread count as it found it (train.main --threads changes it)."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture()
 def one_thread():
     """One torch thread for tests of tiny models: two OpenMP threads thrash on a busy 2-core machine."""
-    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)

@@ -26,13 +26,6 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(MNIST), reason=f"real MNIST no
 TINY = ["--data-dir", MNIST, "--tiny", "--batch-size", "16", "--threads", "1", "--device", "cpu", "--warmup", "3"]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def load(out):
     return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 

@@ -21,13 +21,6 @@ pytestmark = pytest.mark.skipif(not os.path.isdir(MNIST), reason=f"real MNIST no
 TINY = ["--data-dir", MNIST, "--tiny", "--batch-size", "16", "--threads", "1", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def log_rows(out):
     with open(os.path.join(out, "log.csv"), newline="") as f:
         return list(csv.DictReader(f))
