@@ -17,17 +17,21 @@ Why the defaults (measured, /work/shared/notes/cpu_training_findings.md):
     (94 %): plain eps-MSE gives almost no gradient for the label-dependent global shape at high noise.
   * AdamW lr 1e-3, 200-step linear warm-up, no weight decay, betas (0.9, 0.99), grad clip 1.0,
     label dropout 0.1, EMA 0.999 with warm-up: the recipe of the best measured run.
+  * The learning rate then falls along half a cosine to 0 at the end (--steps, or --max-minutes
+    when that comes first): a short run ends with small steps instead of noisy ones (README).
   * DiT-S/4 on a GPU: at equal parameters patch 4 beats patch 8 (paper Table 4); DiT-T/4
     (1.9M parameters) on a CPU, the model the measurements above used.
 The seed's exact setup is one flag away: --seed-recipe, which is
-    --model DiT-S/8 --prediction eps --lr 2e-4 --warmup 0 --label-dropout 0.2
+    --model DiT-S/8 --prediction eps --lr 2e-4 --warmup 0 --lr-decay none --label-dropout 0.2
 (explicit flags still override it).
 
 Randomness: each step draws the image indices, timesteps and noise of the whole GLOBAL batch
 from one torch.Generator seeded with --seed (identical on every DDP rank), and rank r keeps rows
 r::world. So N ranks see exactly the batch one process would see, and the averaged DDP gradient
 is the single-process gradient. Only label dropout (inside the model) uses the global RNG, seeded
-with seed + rank. Every RNG state is checkpointed: a resumed run continues bit-identically (CPU).
+with seed + rank. Every RNG state is checkpointed: a resumed run continues bit-identically (CPU)
+(not with --max-minutes: there the learning rate follows the clock). The multi-process plumbing
+(joining the group, agreeing across ranks, per-rank RNG state) is in ddp.py.
 """
 import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
@@ -45,14 +49,15 @@ import torch
 import torch.distributed as dist
 
 import data
+import ddp
 import speedups
-from common import UserError, config_dict, load_checkpoint, pick_device, run_cli, save_checkpoint, save_grid
+from common import UserError, config_dict, load_checkpoint, run_cli, save_checkpoint, save_grid
 from diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig, PRESETS, count_parameters
 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
 CPU_MODEL = "DiT-T/4"        # 1.9M parameters: ~2.3 steps/s at batch 128 on 2 CPU cores
-SEED_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
+SEED_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, lr_decay="none", label_dropout=0.2)
 TINY_MODEL = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=4)  # hidden --tiny: tests only
 GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
 CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
@@ -74,6 +79,8 @@ def build_parser():
     a("--steps", type=int, default=30_000, help="total optimizer steps (a resumed run counts on)")
     a("--lr", type=float, default=1e-3)
     a("--warmup", type=int, default=200, help="linear learning-rate warm-up steps (0 = none)")
+    a("--lr-decay", default="cosine", choices=("cosine", "none"),
+      help="cosine: lr falls to 0 over --steps, or over --max-minutes if that ends first (see learning_rate)")
     a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--prediction", default="x0", choices=PREDICTIONS, help="what the network predicts (x0: see docstring)")
     a("--schedule", default="linear", choices=("linear", "cosine"))
@@ -125,41 +132,6 @@ def parse_args(argv):
 
 
 # ----------------------------------------------------------------------------------------------
-#                              DDP (only used when run by torchrun)
-# ----------------------------------------------------------------------------------------------
-
-def setup_ddp(device_flag):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: join the group (nccl on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device(device_flag)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_flag)
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world, device
-
-
-def any_rank(flags, world, device):
-    """Element-wise OR over ranks: all ranks must stop (or fail) at the same step, or DDP would hang."""
-    if world == 1:
-        return flags
-    t = torch.tensor(flags, dtype=torch.float32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.tolist()]
-
-
-def mean_over_ranks(value, world, device):
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / world
-
-
-# ----------------------------------------------------------------------------------------------
 #                                  Pieces of the training loop
 # ----------------------------------------------------------------------------------------------
 
@@ -173,25 +145,28 @@ def pick_amp(flag, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
 
 
+def learning_rate(args, step, elapsed_s):
+    """Linear warm-up, then (--lr-decay cosine) half a cosine from --lr down to 0 at the end of training.
+
+    "The end" is --steps, or --max-minutes of this invocation if that comes first: a CPU run given 30
+    minutes cannot know how many steps fit, so its progress is the larger of the step and time fractions.
+    Resuming with a larger --steps stretches the cosine: the lr rises again to where the new curve is.
+    """
+    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+    if args.lr_decay == "none":
+        return lr
+    progress = step / args.steps
+    if args.max_minutes is not None:
+        progress = max(progress, elapsed_s / (60 * args.max_minutes))
+    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 @torch.no_grad()
 def update_ema(ema, model, decay, step):
     """EMA of the weights with warm-up: early on (1+k)/(10+k) < decay, so the average forgets the random init."""
     d = min(decay, (1 + step) / (10 + step))
     for e, p in zip(ema.parameters(), model.parameters()):
         e.lerp_(p.detach(), 1 - d)
-
-
-def rng_state(device):
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 @torch.no_grad()
@@ -312,7 +287,7 @@ def train(args, rank, world, device):
             scaler.load_state_dict(ckpt["scaler"])
         step, wall_before = ckpt["step"], ckpt.get("wall_time_s", 0.0)
         ranks = ckpt["rng"]["ranks"]
-        set_rng_state(ranks[rank % len(ranks)], device)
+        ddp.set_rng_state(ranks[rank % len(ranks)], device)
         data_gen.set_state(ckpt["rng"]["data"])
         say(f"resumed {resume} at step {step}")
         if master:
@@ -333,10 +308,7 @@ def train(args, rank, world, device):
 
     def save(step_done, wall):
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
-        states = [rng_state(device)]
-        if world > 1:
-            states = [None] * world
-            dist.all_gather_object(states, {k: v.cpu() for k, v in rng_state(device).items()})
+        states = ddp.gather_rng_states(world, device)
         if master:
             save_checkpoint(ckpt_path, {
                 "model_config": config_dict(config), "diffusion_config": config_dict(diff_config),
@@ -371,7 +343,7 @@ def train(args, rank, world, device):
             t = torch.randint(diffusion.num_timesteps, (B,), generator=data_gen, device=device)[local]
             noise = torch.randn((B, *images.shape[1:]), generator=data_gen, device=device)[local]
             x0, y = data.to_model_range(images[idx]), labels[idx]
-            lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
+            lr = learning_rate(args, step, time.time() - t_start)
             for group in optimizer.param_groups:
                 group["lr"] = lr
 
@@ -397,7 +369,7 @@ def train(args, rank, world, device):
             # ---- NaN, signal, time limit: decided together on all ranks, before anything is saved
             timed_out = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
             bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
-            bad, stopping = any_rank([bad, stop.signum is not None or timed_out], world, device)
+            bad, stopping = ddp.any_rank([bad, stop.signum is not None or timed_out], world, device)
             if bad:
                 where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
                 raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {where}; "
@@ -408,7 +380,7 @@ def train(args, rank, world, device):
             # ---- log, grid, checkpoint
             wall = wall_before + time.time() - t_start
             if step % args.log_every == 0 or step == args.steps or stopping:
-                mean_loss = mean_over_ranks(loss_sum / max(n_losses, 1), world, device)
+                mean_loss = ddp.mean_over_ranks(loss_sum / max(n_losses, 1), world, device)
                 ips = B * n_losses / max(time.time() - t_log, 1e-9)
                 if master:
                     log.writerow([step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}", f"{wall:.1f}"])
@@ -449,7 +421,7 @@ def train(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_ddp(args.device)
+    rank, world, device = ddp.setup_ddp(args.device)
     try:
         signum = train(args, rank, world, device)
         if world > 1:

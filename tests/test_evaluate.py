@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import evaluate
+import mnist_cnn
 from common import UserError, save_checkpoint, config_dict
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
@@ -37,9 +38,9 @@ def test_digits():
 # ---------------------------------------------------------------------------------------- the classifier
 
 def test_committed_classifier_is_small_and_documented():
-    size = os.path.getsize(evaluate.CLASSIFIER_PATH)
+    size = os.path.getsize(mnist_cnn.CLASSIFIER_PATH)
     assert size < 1_000_000
-    model, blob = evaluate.load_classifier()
+    model, blob = mnist_cnn.load_classifier()
     assert blob["test_accuracy"] >= 0.993
     assert blob["command"].startswith("python evaluate.py train-classifier") and isinstance(blob["seed"], int)
 
@@ -47,7 +48,7 @@ def test_committed_classifier_is_small_and_documented():
 @needs_mnist
 def test_classifier_scores_real_test_digits(test_digits):
     images, labels = test_digits
-    logits, feats = evaluate.classify(evaluate.load_classifier()[0], images)
+    logits, feats = mnist_cnn.classify(mnist_cnn.load_classifier()[0], images)
     assert (logits.argmax(1) == labels).double().mean().item() >= 0.99
     assert feats.shape == (2000, 128) and feats.dtype == torch.float64
 
@@ -55,7 +56,7 @@ def test_classifier_scores_real_test_digits(test_digits):
 def test_random_shift_moves_digits_without_losing_them():
     x = torch.full((50, 1, 32, 32), -1.0)
     x[:, :, 10:20, 12:18] = 1.0                                          # a block inside the 2-px margin
-    y = evaluate.random_shift(x, 2, torch.Generator().manual_seed(0))
+    y = mnist_cnn.random_shift(x, 2, torch.Generator().manual_seed(0))
     assert torch.equal((y > 0).sum((1, 2, 3)), (x > 0).sum((1, 2, 3)))  # nothing cut off
     assert not torch.equal(x, y)
 
@@ -67,7 +68,7 @@ def test_frechet_distance_matches_closed_form_for_diagonal_covariances():
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     a, b = rng.uniform(0.1, 3, 16), rng.uniform(0.1, 3, 16)
     expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(a) - np.sqrt(b)) ** 2).sum()
-    assert evaluate.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    assert mnist_cnn.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_matches_eigenvalues_of_the_product_for_full_covariances():
@@ -77,21 +78,21 @@ def test_frechet_distance_matches_eigenvalues_of_the_product_for_full_covariance
     # tr((S1 S2)^(1/2)) = sum of square roots of the (real, positive) eigenvalues of S1 S2.
     tr_covmean = np.sqrt(np.linalg.eigvals(s1 @ s2).real).sum()
     expected = np.trace(s1) + np.trace(s2) - 2 * tr_covmean
-    assert evaluate.frechet_distance(np.zeros(8), s1, np.zeros(8), s2) == pytest.approx(expected, rel=1e-8)
-    root = evaluate.sqrtm_psd(s1)
+    assert mnist_cnn.frechet_distance(np.zeros(8), s1, np.zeros(8), s2) == pytest.approx(expected, rel=1e-8)
+    root = mnist_cnn.sqrtm_psd(s1)
     assert np.allclose(root @ root, s1)
 
 
 @needs_mnist
 def test_fd_of_a_set_with_itself_is_zero_and_of_noise_is_large(test_digits):
     images, _ = test_digits
-    model = evaluate.load_classifier()[0]
-    stats = evaluate.feature_statistics(evaluate.classify(model, images[0::2])[1])
-    assert abs(evaluate.frechet_distance(*stats, *stats)) < 1e-7 * np.trace(stats[1])   # round-off only
-    other = evaluate.feature_statistics(evaluate.classify(model, images[1::2])[1])
-    real_vs_real = evaluate.frechet_distance(*stats, *other)
+    model = mnist_cnn.load_classifier()[0]
+    stats = mnist_cnn.feature_statistics(mnist_cnn.classify(model, images[0::2])[1])
+    assert abs(mnist_cnn.frechet_distance(*stats, *stats)) < 1e-7 * np.trace(stats[1])   # round-off only
+    other = mnist_cnn.feature_statistics(mnist_cnn.classify(model, images[1::2])[1])
+    real_vs_real = mnist_cnn.frechet_distance(*stats, *other)
     noise = torch.randint(0, 256, (1000, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    noise_fd = evaluate.frechet_distance(*stats, *evaluate.feature_statistics(evaluate.classify(model, noise)[1]))
+    noise_fd = mnist_cnn.frechet_distance(*stats, *mnist_cnn.feature_statistics(mnist_cnn.classify(model, noise)[1]))
     assert noise_fd > 20 * real_vs_real
 
 
@@ -100,14 +101,14 @@ def test_fd_of_a_set_with_itself_is_zero_and_of_noise_is_large(test_digits):
 @needs_mnist
 def test_accuracy_of_correct_and_mislabelled_real_digits(test_digits):
     images, labels = test_digits
-    right = evaluate.score_images(images, labels, DATA)
+    right = mnist_cnn.score_images(images, labels, DATA)
     assert right["accuracy"] >= 0.99 and min(right["per_class_accuracy"]) >= 0.95
-    wrong = evaluate.score_images(images, (labels + 1) % 10, DATA)
+    wrong = mnist_cnn.score_images(images, (labels + 1) % 10, DATA)
     assert wrong["accuracy"] <= 0.01
     half = labels.clone()
     half[torch.arange(2000) % 200 < 100] += 1                            # the first 100 of each class ...
     half %= 10                                                           # ... labelled as the next class
-    assert evaluate.score_images(images, half, DATA)["accuracy"] == pytest.approx(0.5, abs=0.01)
+    assert mnist_cnn.score_images(images, half, DATA)["accuracy"] == pytest.approx(0.5, abs=0.01)
     assert wrong["fd"] == pytest.approx(right["fd"])                     # FD ignores labels ...
     assert right["fd"] < 2 * right["floor"]                              # ... and real test digits sit at the floor
     assert wrong["counts"] == right["counts"] == [200] * 10
@@ -149,7 +150,7 @@ def test_score_end_to_end_on_a_tiny_checkpoint_and_its_npz(tiny_ckpt, tmp_path, 
     with np.load(npz) as z:
         assert z["images"].shape == (30, 1, 32, 32) and z["images"].dtype == np.uint8
         assert z["labels"].tolist() == [i % 10 for i in range(30)]
-    again = evaluate.score_images(*evaluate.load_npz(npz), DATA)         # the saved digits score the same
+    again = mnist_cnn.score_images(*evaluate.load_npz(npz), DATA)         # the saved digits score the same
     assert again["fd"] == pytest.approx(r["fd"]) and again["accuracy"] == r["accuracy"]
     out = run_main(monkeypatch, capsys, "score", "--npz", str(npz), "--data-dir", DATA)
     assert f"{r['fd']:.2f}" in out
@@ -182,7 +183,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="'images'"):
         evaluate.load_npz(bad)
     with pytest.raises(UserError, match="uint8 \\(N, 1, 32, 32\\)"):
-        evaluate.score_images(torch.zeros((4, 1, 28, 28), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+        mnist_cnn.score_images(torch.zeros((4, 1, 28, 28), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
     r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "score", "--ckpt", str(tmp_path / "no.pt")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
