@@ -49,8 +49,8 @@ def assert_identical(a, b):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    # a constant lr: the cosine decay ends at --steps, so a first half run with --steps 4 would decay
-    # faster than the whole (the default cosine is what test_kill_and_resume_is_bit_exact resumes)
+    # the default constant lr: with --lr-decay cosine a first half run with --steps 4 would decay
+    # faster than the whole (the cosine is what test_kill_and_resume_is_bit_exact resumes)
     flat = [*TINY, "--lr-decay", "none"]
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
     train.main([*flat, "--steps", "8", "--out", whole])
@@ -61,7 +61,7 @@ def test_resume_is_bit_exact(tmp_path):
 
 def test_kill_and_resume_is_bit_exact(tmp_path):
     killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
-    steps = ["--steps", "40", "--ckpt-every", "3", "--log-every", "1"]
+    steps = ["--steps", "40", "--ckpt-every", "3", "--log-every", "1", "--lr-decay", "cosine"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *steps, "--out", killed],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -88,7 +88,7 @@ def torchrun(args, out):
 
 
 def test_ddp_matches_single_process_and_resumes(tmp_path):
-    args = [*TINY, "--label-dropout", "0", "--lr-decay", "none", "--steps", "8", "--log-every", "1"]  # as above
+    args = [*TINY, "--label-dropout", "0", "--lr-decay", "none", "--steps", "8", "--log-every", "1"]
     single, single4 = str(tmp_path / "single"), str(tmp_path / "single4")
     ddp, ddp_resumed = str(tmp_path / "ddp"), str(tmp_path / "ddp_resumed")
     train.main([*args, "--out", single])

@@ -146,21 +146,22 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 def test_seed_recipe_sets_the_seed_lesson_flags():
     args = train.parse_args(["--seed-recipe"])
     assert (args.model, args.prediction, args.lr, args.warmup, args.label_dropout) == ("DiT-S/8", "eps", 2e-4, 0, 0.2)
-    assert args.lr_decay == "none"                                            # the seed's lr is constant
+    assert args.lr_decay == "none"                                            # the seed's lr is constant too
     assert train.parse_args(["--seed-recipe", "--lr", "1e-4"]).lr == 1e-4      # explicit flags still win
     assert train.parse_args([]).model is None and train.parse_args([]).prediction == "x0"
 
 
 def test_learning_rate_warms_up_then_follows_half_a_cosine_to_zero():
-    args = train.parse_args(["--lr", "1e-3", "--warmup", "100", "--steps", "1000"])
+    args = train.parse_args(["--lr", "1e-3", "--warmup", "100", "--steps", "1000", "--lr-decay", "cosine"])
     lr = lambda step, elapsed=0.0: train.learning_rate(args, step, elapsed)
     assert lr(0) == pytest.approx(1e-5, rel=1e-2) and lr(49) == pytest.approx(5e-4, rel=1e-2)  # linear warm-up
     assert lr(500) == pytest.approx(5e-4) and lr(1000) == pytest.approx(0, abs=1e-12)          # cosine: half, zero
     assert all(lr(s) >= lr(s + 1) for s in range(100, 1000))                                   # only falls after
     assert lr(500, elapsed=1e9) == lr(500)                                # no --max-minutes: time plays no part
-    timed = train.parse_args(["--lr", "1e-3", "--warmup", "0", "--steps", "1000", "--max-minutes", "10"])
+    timed = train.parse_args(["--lr", "1e-3", "--warmup", "0", "--steps", "1000", "--max-minutes", "10",
+                              "--lr-decay", "cosine"])
     assert train.learning_rate(timed, 100, 300) == pytest.approx(5e-4)    # half the time beats a tenth of the steps
     assert train.learning_rate(timed, 900, 60) == pytest.approx(lr(900))  # and the step fraction wins when larger
     assert train.learning_rate(timed, 10, 3600) == 0.0                    # past the time limit: zero, not negative
-    flat = train.parse_args(["--lr", "1e-3", "--warmup", "0", "--lr-decay", "none"])
+    flat = train.parse_args(["--lr", "1e-3", "--warmup", "0"])                     # the default: constant
     assert train.learning_rate(flat, 10, 0) == train.learning_rate(flat, 29_999, 1e9) == 1e-3
