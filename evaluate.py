@@ -173,7 +173,7 @@ def run_table(args):
     settings = [parse_setting(s) for s in args.rows.split(",")]
     report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine(), "backend": args.backend, "seed": args.seed,
               "batch_size": args.batch_size, "sweep": [], "rows": []}
-    done = []   # results to reuse: this table's sweep, and with --resume those of an earlier run of the same table
+    done = []   # with --resume: the results of an earlier, interrupted run of the same table, reused below
     if args.resume and args.out_json and os.path.isfile(args.out_json):
         with open(args.out_json) as f:
             old = json.load(f)

@@ -129,7 +129,6 @@ def train_classifier(args):
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB), test accuracy {acc:.4%}")
 
 
-
 # ----------------------------------------------------------------------------------------------
 #                               Frechet distance and the references
 # ----------------------------------------------------------------------------------------------

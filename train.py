@@ -17,7 +17,7 @@ Why the defaults (measured, /work/shared/notes/cpu_training_findings.md):
     (94 %): plain eps-MSE gives almost no gradient for the label-dependent global shape at high noise.
   * AdamW lr 1e-3, 200-step linear warm-up, no weight decay, betas (0.9, 0.99), grad clip 1.0,
     label dropout 0.1, EMA 0.999 with warm-up: the recipe of the best measured run.
-  * A constant learning rate after the warm-up: the EMA already averages the last ~1/(1-decay)
+  * A constant learning rate after the warm-up: the EMA already averages the last few hundred
     steps. --lr-decay cosine (to 0 at the end) was measured worse in the 30-minute CPU run (README).
   * DiT-S/4 on a GPU: at equal parameters patch 4 beats patch 8 (paper Table 4); DiT-T/4
     (1.9M parameters) on a CPU, the model the measurements above used.
