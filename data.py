@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from common import UserError
+from cli import UserError
 
 
 class DataError(UserError):
@@ -43,8 +43,8 @@ DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 #                      Where files live and how to check them                   #
 #################################################################################
 
-# Expected MD5s per IDX file as (of the .gz, of the decompressed IDX). The .gz sums are the official ones (MNIST:
-# shared/data/mnist/MD5SUMS; Fashion-MNIST: the zalandoresearch/fashion-mnist README). The IDX sums were computed from
+# Expected MD5s per IDX file as (of the .gz, of the decompressed IDX). The .gz sums are the official ones (those
+# published with MNIST's files; Fashion-MNIST: the zalandoresearch/fashion-mnist README). The IDX sums were computed from
 # those verified files; they accept re-compressed copies (Debian's dataset-fashion-mnist re-gzips its files, so only
 # the payload matches) and already-gunzipped files. A module dict so tests can register their own small files.
 IDX_MD5 = {
@@ -372,10 +372,7 @@ def load_dataset(name: str, data_dir: str | None = None, split: str = "train", i
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion forward process assumes for x_0."""
+    """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion forward process assumes for x_0
+    (cli.to_uint8 is the way back)."""
     return images_uint8.float() / 127.5 - 1
 
-
-def from_model_range(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8 [0, 255]; samples overshoot the range a little, so clamp before rounding."""
-    return ((x.float() + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)

@@ -8,7 +8,8 @@ This file knows no network. Everything that needs one takes a callable
 
 which may be a DiT, an ONNX Runtime session or a TensorRT engine wrapped in a function, so the
 sampling math exists exactly once. `out` is the network's prediction of eps, x0 or v (the
-`prediction` setting), followed by C variance channels when the variance is learned.
+`prediction` setting), followed by C variance channels when the variance is learned: an output
+with 2C channels is what says so (the network's config is the one place that decides it).
 
 Papers and the equations used below:
   DDPM   Ho et al. 2020, arXiv 2006.11239            forward process, posterior, ancestral sampler
@@ -34,9 +35,8 @@ SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 class DiffusionConfig:
     """The diffusion process a model was trained with; stored in checkpoints beside the DiTConfig."""
     num_timesteps: int = 1000
-    schedule: str = "linear"      # "linear" (DDPM: 1e-4 -> 0.02, the seed's) or "cosine" (IDDPM)
+    schedule: str = "linear"      # "linear" (DDPM: 1e-4 -> 0.02, the lesson's) or "cosine" (IDDPM)
     prediction: str = "eps"       # what the network outputs: "eps", "x0" or "v"
-    learn_sigma: bool = False     # network also outputs the variance interpolation (must match DiTConfig)
     vlb_weight: float = 1e-3      # lambda of IDDPM's L_hybrid = L_simple + lambda * L_vlb
 
 
@@ -44,10 +44,11 @@ class DiffusionConfig:
 #                                        Noise schedules
 # ----------------------------------------------------------------------------------------------
 
-def linear_betas(num_timesteps, beta_start=1e-4, beta_end=0.02):
-    """DDPM Sec. 4: betas linear from 1e-4 to 0.02 for T = 1000, scaled so other T keep the same curve."""
+def linear_betas(num_timesteps, beta_start=1e-4, beta_end=0.02, max_beta=0.999):
+    """DDPM Sec. 4: betas linear from 1e-4 to 0.02 for T = 1000, scaled so other T keep the same curve
+    (clipped at 0.999 as the cosine schedule is: the scaled end passes 1 below T = 20)."""
     scale = 1000 / num_timesteps
-    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64).clip(max=max_beta)
 
 
 def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
@@ -59,14 +60,17 @@ def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
 
 
 def space_timesteps(num_timesteps, steps):
-    """`steps` timesteps spread evenly over [0, T-1], both ends included (IDDPM Sec. 4 respacing)."""
+    """`steps` timesteps spread evenly over [0, T-1], both ends included (IDDPM Sec. 4 respacing);
+    one step is one network call at the noisiest timestep T-1, whose x0 is the sample."""
     if not 1 <= steps <= num_timesteps:
         raise ValueError(f"steps must be between 1 and {num_timesteps}, got {steps}")
+    if steps == 1:
+        return [num_timesteps - 1]
     return sorted(set(np.linspace(0, num_timesteps - 1, steps).round().astype(int).tolist()))
 
 
 def dynamic_threshold(x0, percentile=0.99, max_threshold=1.7):
-    """Imagen Sec. 2.3, as in the seed: s = the p-quantile of |x0| per image, clamped to [1, c];
+    """Imagen Sec. 2.3, as in the lesson: s = the p-quantile of |x0| per image, clamped to [1, c];
     clip x0 to [-s, s] and divide by s, pulling saturated pixels back into [-1, 1]."""
     s = torch.quantile(x0.abs().flatten(1), percentile, dim=1).clamp(1.0, max_threshold)
     s = s.view(-1, *([1] * (x0.dim() - 1)))
@@ -97,6 +101,14 @@ def guided(model_fn, cfg_scale, null_class):
 # ----------------------------------------------------------------------------------------------
 #                                    The Gaussian diffusion
 # ----------------------------------------------------------------------------------------------
+
+def learns_sigma(out, x):
+    """Whether a network output carries variance channels: 2C of them for C-channel images."""
+    if out.shape[1] not in (x.shape[1], 2 * x.shape[1]):
+        raise ValueError(f"the network returned {out.shape[1]} channels for {x.shape[1]}-channel images; "
+                         f"expected {x.shape[1]} or {2 * x.shape[1]}")
+    return out.shape[1] == 2 * x.shape[1]
+
 
 def _gather(table, t, x):
     """table[t] as a float32 column broadcastable against x: (N,) -> (N, 1, 1, 1)."""
@@ -131,8 +143,10 @@ class GaussianDiffusion:
         self.sqrt_alphas_cumprod = T(np.sqrt(acp))
         self.sqrt_one_minus_alphas_cumprod = T(np.sqrt(1.0 - acp))
         self.posterior_variance = T(posterior_var)
-        # beta~_0 = 0: clip the log at t = 0 to beta~_1 (IDDPM's convention).
-        self.posterior_log_variance_clipped = T(np.log(np.append(posterior_var[1], posterior_var[1:])))
+        # beta~_0 = 0: clip the log at t = 0 to beta~_1 (IDDPM's convention). A one-step process has no
+        # beta~_1; its one step is the last, which adds no noise, so beta_0 stands in.
+        first = posterior_var[1] if len(b) > 1 else b[0]
+        self.posterior_log_variance_clipped = T(np.log(np.append(first, posterior_var[1:])))
         self.posterior_mean_coef1 = T(b * np.sqrt(acp_prev) / (1.0 - acp))            # DDPM Eq. 7, on x0
         self.posterior_mean_coef2 = T((1.0 - acp_prev) * np.sqrt(1.0 - b) / (1.0 - acp))  # on x_t
         # Which timestep of the trained model each step of this (possibly respaced) process is.
@@ -168,7 +182,7 @@ class GaussianDiffusion:
     def split_output(self, out, xt, t):
         """Network output -> (x0, variance channels or None), whatever the network predicts."""
         C = xt.shape[1]
-        pred, var_values = (out[:, :C], out[:, C:]) if self.config.learn_sigma else (out, None)
+        pred, var_values = (out[:, :C], out[:, C:]) if learns_sigma(out, xt) else (out, None)
         if self.config.prediction == "eps":
             x0 = self.eps_to_x0(xt, t, pred)
         elif self.config.prediction == "x0":
@@ -201,7 +215,7 @@ class GaussianDiffusion:
         target = {"eps": noise, "x0": x0, "v": self.v_target(x0, t, noise)}[self.config.prediction]
         terms = {"mse": F.mse_loss(pred.float(), target)}
         terms["loss"] = terms["mse"]
-        if self.config.learn_sigma:
+        if learns_sigma(out, x0):
             # The vlb term trains only the variance: the mean is frozen (detached), as in IDDPM, so
             # L_vlb does not disturb the mean that L_simple learns. L_vlb sums T per-step KL terms:
             # weighting one sampled step by lambda * T is an unbiased estimate of lambda * L_vlb.
@@ -240,8 +254,7 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- samplers
 
     def sample(self, model_fn, shape, y, *, sampler="ddim", steps=50, cfg_scale=1.0, null_class=None,
-               eta=0.0, clip_x0=True, thresholding=False, noise=None, generator=None, device="cpu",
-               progress=None):
+               eta=0.0, clip_x0=True, thresholding=False, noise=None, generator=None, device="cpu"):
         """Draw images for labels y with one of SAMPLERS over `steps` evenly spaced timesteps.
 
         All samplers share this loop: call the (guided) network, turn its output into x0, then take
@@ -259,8 +272,7 @@ class GaussianDiffusion:
         randn = lambda: torch.randn(shape, generator=generator).to(device)
         x = noise.to(device) if noise is not None else randn()
         prev_x0 = None                                                   # DPM-Solver++ 2M's history
-        indices = list(range(process.num_timesteps))[::-1]
-        for n, i in enumerate(indices):
+        for i in reversed(range(process.num_timesteps)):
             i_t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             out = fn(x, process.timestep_map.to(device)[i_t], y).float()
             x0, var_values = process.split_output(out, x, i_t)
@@ -275,8 +287,6 @@ class GaussianDiffusion:
             else:
                 x = process.dpmpp_2m_step(x, x0, prev_x0, i_t)
                 prev_x0 = x0
-            if progress is not None:
-                progress(n + 1, len(indices))
         return x
 
     def ddpm_step(self, xt, x0, var_values, t, noise):

@@ -34,6 +34,13 @@ class DiTConfig:
     class_dropout_prob: float = 0.1   # label dropout that trains the null class for classifier-free guidance
     learn_sigma: bool = False         # True: also output the variance interpolation v (Improved DDPM, Eq. 15)
 
+    def __post_init__(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
+        if self.hidden_size % self.num_heads or self.hidden_size % 4:
+            raise ValueError(f"hidden size {self.hidden_size} must be divisible by the {self.num_heads} heads and by 4 "
+                             f"(the 2-D sin-cos position embedding)")
+
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
@@ -196,8 +203,6 @@ class DiT(nn.Module):
     def __init__(self, config: DiTConfig):
         super().__init__()
         c = config
-        if c.image_size % c.patch_size:
-            raise ValueError(f"image size {c.image_size} is not divisible by patch size {c.patch_size}")
         self.config = c
         self.grid_size = c.image_size // c.patch_size
         # Patchify (paper Fig. 4): a conv with stride = kernel = p is a Linear applied to each patch.
@@ -249,21 +254,12 @@ class DiT(nn.Module):
             h = block(h, c)                                                # (N, T, D)
         return self.unpatchify(self.final_layer(h, c))                     # (N, C_out, H, W)
 
-    def forward_with_cfg(self, x, t, y, cfg_scale):
-        """Classifier-free guidance (Ho & Salimans 2022): out = out_u + w (out_c - out_u), on every channel."""
-        # One doubled batch [conditional; null class] instead of two calls. The official code guides
-        # only the first 3 channels of 4; we guide all of them, the learned-variance ones included.
-        null = torch.full_like(y, self.config.null_class)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
-
 
 # ----------------------------------------------------------------------------------------------
 #                                           Presets
 # ----------------------------------------------------------------------------------------------
 # The paper's Table 1 sizes (S/B/L/XL) x patch 2/4/8, here for 32x32 single-channel images
-# (change with dataclasses.replace(PRESETS[name], in_channels=3)). DiT-S/8 is the seed lesson's
+# (change with dataclasses.replace(PRESETS[name], in_channels=3)). DiT-S/8 is the xdiffusion lesson's
 # model: 32.5M parameters, the same count as the official implementation at 1 channel.
 # DiT-T/4 is ours: a ~1.9M-parameter model that learns MNIST on a 2-core CPU in minutes.
 

@@ -17,13 +17,10 @@ network's raw prediction (eps, x0 or v per the checkpoint's diffusion_config.pre
 variance channels when learn_sigma). N is dynamic. TensorRT 11 has no fp16 builder flag: precision
 comes from the ONNX types alone (strongly typed), hence the separate fp16 graph.
 """
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
-import argparse
 import collections
 import contextlib
-import copy
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -32,10 +29,10 @@ import warnings
 import torch
 import torch.nn as nn
 
-from backends import (OrtBackend, TorchBackend, TrtBackend, current_gpu_name, trt_logger,
-                      trt_unavailable_reason, write_sidecar)
-from common import (UserError, atomic_write, check_writable, config_dict, file_sha256, model_from_checkpoint, run_cli,
-                    to_uint8)
+from cli import (ArgumentParser, UserError, atomic_write, check_writable, config_dict, file_sha256, run_cli,
+                 to_uint8)
+from runtime import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
+                     model_from_checkpoint, trt_logger, trt_unavailable_reason, write_sidecar)
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
 FP16_RTOL = 1e-2        # max|ONNX fp16 - PyTorch fp32| / max|PyTorch fp32|
@@ -47,25 +44,13 @@ OPSETS = (20, 21, 22, 23)
 #                                        ONNX export
 # ----------------------------------------------------------------------------------------------
 
-class Fp16Denoiser(nn.Module):
-    """fp16 copy of the model behind fp32 inputs and output, so the sampler's math stays fp32.
-    dit.py already keeps the timestep sin/cos and the LayerNorm statistics in fp32 (casts in the graph)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = copy.deepcopy(model).half().eval()
-
-    def forward(self, x, t, y):
-        return self.model(x.half(), t, y).float()
-
-
 def export_onnx(module, path, example, opset):
     """torch.export-based ONNX export with a dynamic batch axis on x, t, y (and so on out)."""
     batch = torch.export.Dim("batch", min=1)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed", ...
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # known-harmless exporter warnings (notes: tensorrt_onnx.md, 3)
+        warnings.simplefilter("ignore")      # known-harmless exporter warnings (deprecations, unused axis names)
         torch.onnx.export(module, example, path, input_names=["x", "t", "y"], output_names=["out"],
                           dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
                           opset_version=opset, dynamo=True, verbose=False,
@@ -151,8 +136,7 @@ def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, devi
 
 def pixel_difference(a, b):
     """Largest difference of two image batches in [-1, 1], in 0-255 pixel units (float and uint8)."""
-    return {"float": (a - b).abs().max().item() * 127.5,
-            "uint8": int((torch.from_numpy(to_uint8(a)).int() - torch.from_numpy(to_uint8(b)).int()).abs().max())}
+    return {"float": (a - b).abs().max().item() * 127.5, "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
 
 
 @contextlib.contextmanager
@@ -183,7 +167,7 @@ def activation_peaks(model):
 def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, workspace_gb=4):
     """Build a TensorRT 11 engine from the fp16 ONNX (strongly typed: no precision flags exist).
     batches = (min, opt, max) of the optimisation profile shared by x, t and y."""
-    import tensorrt as trt
+    trt = import_tensorrt()
     logger = trt_logger(trt)
     builder = trt.Builder(logger)
     network = builder.create_network(0)                 # 11.x: always strongly typed, explicit batch
@@ -228,7 +212,7 @@ def print_parity(name, rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
+    p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
     p.add_argument("--out-dir", default=None, help="folder for the files (default: the checkpoint's folder)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
@@ -276,7 +260,7 @@ def main(argv=None):
         results = {}
         for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
             path, start = os.path.join(tmp, name), time.time()
-            module = model if precision == "fp32" else Fp16Denoiser(model)
+            module = model if precision == "fp32" else LowPrecision(model, torch.float16)
             export_onnx(module, path, example, args.opset)
             nodes, ops = graph_summary(path)
             print(f"{name}: opset {args.opset}, {nodes} nodes, {os.path.getsize(path) / 2**20:.1f} MiB, "

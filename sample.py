@@ -1,36 +1,29 @@
 """
 Draw class-conditional samples from a checkpoint written by train.py into a PNG grid.
 
-    python sample.py --ckpt runs/cpu-t4/ckpt.pt --labels "2 4 one nine 2 eight 7 9" --out grid.png
-    python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --label-order cycle --sampler dpm++2m --steps 20
+    python sample.py --ckpt runs/dit-t-4-mnist/ckpt.pt --labels "2 4 one nine 2 eight 7 9" --out grid.png
+    python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --label-order cycle --sampler ddim --steps 25
 
 Labels are class numbers, class names or (for digit datasets) English words ("7", "seven").
-Beside grid.png goes grid.txt: the label names, one line per grid row (the seed lesson's prompt table).
+Beside grid.png goes grid.txt: the label names, one line per grid row (the lesson's prompt table).
 Sampling uses the EMA weights unless --no-ema. Noise for all images is drawn up front from one
 CPU generator seeded with --seed, so a seed gives the same images whatever --batch-size or device
 (exactly so for the deterministic samplers: ddim with eta 0, dpm++2m).
 """
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
-import argparse
-
 import torch
 
-import speedups
-from common import (UserError, add_sampling_args, check_sampling_args, choose_labels, draw_samples,
-                    model_from_checkpoint, pick_device, run_cli, save_grid, write_label_table)
+from cli import ArgumentParser, add_sampling_args, check_sampling_args, pick_device, run_cli, save_grid, write_label_table
+from runtime import TorchBackend, choose_labels, draw_samples, model_from_checkpoint
 
-
-PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
+    p = ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (RUN/ckpt.pt)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights' dtype for the network (bf16: 1.7x on CPUs with AMX/AVX512-BF16, see bench.py)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
     add_sampling_args(p, default_out="samples.png")
     args = p.parse_args(argv)
     check_sampling_args(args)
@@ -39,16 +32,15 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, device, use_ema=not args.no_ema)
-    if args.steps > diffusion.num_timesteps:
-        raise UserError(f"--steps {args.steps} exceeds the {diffusion.num_timesteps} timesteps the model was trained with")
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, class_names, generator)
-    model_fn = model if args.precision == "fp32" else speedups.low_precision_fn(model, PRECISIONS[args.precision])
-    images = draw_samples(model_fn, diffusion, model.config, labels, generator, sampler=args.sampler, steps=args.steps,
-                          cfg_scale=args.cfg_scale, eta=args.eta, thresholding=args.thresholding,
-                          batch_size=args.batch_size, device=device)
+    images = draw_samples(TorchBackend(model, PRECISIONS[args.precision]), diffusion, model.config, labels, generator,
+                          sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
+                          thresholding=args.thresholding, batch_size=args.batch_size, device=device)
     save_grid(images, args.out, nrow=args.nrow)
     txt_path = write_label_table(labels, class_names, args.out, args.nrow)
     print(f"{len(labels)} samples from {args.ckpt} (step {ckpt.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} "

@@ -4,42 +4,27 @@ Train a class-conditional DiT on MNIST (or any dataset of data.py) in pixel spac
     python train.py                                  # the default model and recipe, batch 128
     python train.py --max-minutes 30                 # stop cleanly after 30 minutes (the CPU run)
     python train.py --resume auto                    # continue OUT/ckpt.pt exactly where it stopped
-    python train.py --seed-recipe                    # the seed lesson's setup (DiT-S/8, eps, Adam 2e-4)
+    python train.py --lesson-recipe                  # the xdiffusion lesson's setup (DiT-S/8, eps, Adam 2e-4)
     torchrun --nproc_per_node=2 train.py ...         # DistributedDataParallel, --batch-size is global
 
-One training loop, read top to bottom: parse flags -> load the whole dataset onto the device ->
-build DiT, diffusion, AdamW, EMA -> (resume) -> loop { draw batch, loss, step, EMA, log,
-sample grid, checkpoint } -> final checkpoint and grid.
+Read top to bottom: flags -> DDP plumbing -> pieces of the loop -> set-up and resume -> train(), whose
+loop is { draw batch, loss, step, EMA, log, sample grid, checkpoint } -> main.
 
-Why the defaults (measured, /work/shared/notes/cpu_training_findings.md):
-  * x0-prediction. In 25 CPU-minutes the same 1.9M-parameter DiT draws no digits with the seed's
-    eps-prediction (10-16 % class accuracy) and clean, correctly labelled digits with x0-prediction
-    (94 %): plain eps-MSE gives almost no gradient for the label-dependent global shape at high noise.
-  * AdamW lr 1e-3, 200-step linear warm-up, no weight decay, betas (0.9, 0.99), grad clip 1.0,
-    label dropout 0.1, EMA 0.999 with warm-up: the recipe of the best measured run.
-  * A constant learning rate after the warm-up: the EMA already averages the last few hundred
-    steps. --lr-decay cosine (to 0 at the end) was measured worse in the 30-minute CPU run (README).
-  * DiT-S/4 on a GPU: at equal parameters patch 4 beats patch 8 (paper Table 4); DiT-T/4
-    (1.9M parameters) on a CPU, the model the measurements above used.
-The seed's exact setup is one flag away: --seed-recipe, which is
-    --model DiT-S/8 --prediction eps --lr 2e-4 --warmup 0 --label-dropout 0.2
-(explicit flags still override it).
+The defaults and why are the README's recipe table (measurements: docs/results.md). In short:
+x0-prediction, because on a CPU budget the lesson's eps-prediction draws no digits (plain eps-MSE gives
+almost no gradient for the label-dependent shape at high noise); AdamW 1e-3 after a 200-step warm-up.
 
-Randomness: each step draws the image indices, timesteps and noise of the whole GLOBAL batch
-from one torch.Generator seeded with --seed (identical on every DDP rank), and rank r keeps rows
-r::world. So N ranks see exactly the batch one process would see, and the averaged DDP gradient
-is the single-process gradient. Only label dropout (inside the model) uses the global RNG, seeded
-with seed + rank. Every RNG state is checkpointed: a resumed run continues bit-identically (CPU;
-not with --lr-decay cosine and --max-minutes, where the learning rate follows the clock). The
-multi-process plumbing (joining the group, agreeing across ranks, per-rank RNG state) is in ddp.py.
+Randomness: each step draws the image indices, timesteps and noise of the whole GLOBAL batch from one
+torch.Generator seeded with --seed (identical on every DDP rank), and rank r keeps rows r::world, so the
+averaged DDP gradient is the single-process gradient. Only label dropout (inside the model) uses the
+global RNG, seeded with seed + rank. Every RNG state is checkpointed: a resume is bit-exact on CPU.
 """
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
-import argparse
 import contextlib
+import copy
 import csv
 import dataclasses
 import math
+import os
 import re
 import signal
 import sys
@@ -49,16 +34,15 @@ import torch
 import torch.distributed as dist
 
 import data
-import ddp
-import speedups
-from common import UserError, config_dict, load_checkpoint, run_cli, save_checkpoint, save_grid
+from cli import (ArgumentParser, Progress, UserError, config_dict, fraction, load_checkpoint, nonnegative_float,
+                 nonnegative_int, pick_device, positive_float, positive_int, run_cli, save_checkpoint, save_grid)
 from diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
-from dit import DiT, DiTConfig, PRESETS, count_parameters
+from dit import DiT, PRESETS, count_parameters
 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
-CPU_MODEL = "DiT-T/4"        # 1.9M parameters: ~2.3 steps/s at batch 128 on 2 CPU cores
-SEED_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
-TINY_MODEL = DiTConfig(hidden_size=32, depth=2, num_heads=2, patch_size=4)  # hidden --tiny: tests only
+CPU_MODEL = "DiT-T/4"        # 1.9M parameters: learns MNIST on a laptop CPU in half an hour
+LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
+SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
 GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
 CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
 
@@ -68,67 +52,91 @@ CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
 # ----------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a class-conditional DiT (see the module docstring).")
+    p = ArgumentParser(description="Train a class-conditional DiT (see the module docstring).")
     a = p.add_argument
-    a("--model", default=None, help=f"one of {', '.join(PRESETS)} (default {GPU_MODEL} on a GPU, {CPU_MODEL} on CPU)")
-    a("--dataset", default="mnist", choices=data.DATASETS)
-    a("--data-dir", default=None, help="folder with the dataset files (default: data.py's cache, downloading)")
-    a("--image-size", type=int, default=32)
-    a("--channels", type=int, default=None, help="1 or 3 (default: the dataset's own)")
-    a("--batch-size", type=int, default=128, help="GLOBAL batch, split evenly over DDP ranks")
-    a("--steps", type=int, default=30_000, help="total optimizer steps (a resumed run counts on)")
-    a("--lr", type=float, default=1e-3)
-    a("--warmup", type=int, default=200, help="linear learning-rate warm-up steps (0 = none)")
-    a("--lr-decay", default="none", choices=("none", "cosine"),
-      help="cosine: lr falls to 0 over --steps, or --max-minutes if that ends first (learning_rate); none: constant")
-    a("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = no clipping)")
+    a("--model", default=None, help=f"one of {', '.join(PRESETS)} (None: {GPU_MODEL} on a GPU, {CPU_MODEL} on CPU)")
+    for name, what in zip(SIZE_FLAGS, ("width D", "number of DiT blocks", "attention heads", "patch size p")):
+        a(f"--{name.replace('_', '-')}", type=positive_int, default=None, help=f"override the preset's {what}")
+    a("--dataset", default="mnist", choices=data.DATASETS, help="what to train on (data.py)")
+    a("--data-dir", default=None, help="folder with the dataset files (None: data.py's cache, downloading)")
+    a("--image-size", type=positive_int, default=32, help="images are padded or resized to this size")
+    a("--channels", type=int, default=None, choices=(1, 3), help="None: the dataset's own")
+    a("--batch-size", type=positive_int, default=128, help="GLOBAL batch, split evenly over DDP ranks")
+    a("--steps", type=positive_int, default=30_000, help="total optimizer steps (a resumed run counts on)")
+    a("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after the warm-up")
+    a("--warmup", type=nonnegative_int, default=200, help="linear learning-rate warm-up steps (0 = none)")
+    a("--grad-clip", type=nonnegative_float, default=1.0, help="max gradient norm (0 = no clipping)")
     a("--prediction", default="x0", choices=PREDICTIONS, help="what the network predicts (x0: see docstring)")
-    a("--schedule", default="linear", choices=("linear", "cosine"))
-    a("--num-timesteps", type=int, default=1000)
+    a("--schedule", default="linear", choices=("linear", "cosine"), help="noise schedule (DDPM / IDDPM)")
+    a("--num-timesteps", type=positive_int, default=1000, help="T, the diffusion's number of steps")
     a("--learn-sigma", action="store_true", help="also learn the variance (IDDPM hybrid loss)")
-    a("--label-dropout", type=float, default=0.1, help="share of labels replaced by the null class (for CFG)")
-    a("--ema-decay", type=float, default=0.999)
-    a("--seed-recipe", action="store_true", help="the seed lesson's setup: " +
-      " ".join(f"--{k.replace('_', '-')} {v}" for k, v in SEED_RECIPE.items()))
-    a("--out", default=None, help="run folder (default runs/<model>-<dataset>)")
+    a("--label-dropout", type=fraction, default=0.1, help="share of labels replaced by the null class (for CFG)")
+    a("--ema-decay", type=fraction, default=0.999, help="decay of the weights' moving average used for sampling")
+    a("--lesson-recipe", action="store_true", help="the xdiffusion lesson's setup: " +
+      " ".join(f"--{k.replace('_', '-')} {v}" for k, v in LESSON_RECIPE.items()))
+    a("--out", default=None, help="run folder (None: runs/<model>-<dataset>)")
     a("--resume", default=None, help="checkpoint to continue, or 'auto' = OUT/ckpt.pt if it exists")
-    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--seed", type=int, default=0)
-    a("--sample-every", type=int, default=1000, help="steps between 8x8 sample grids (0 = only at the end)")
-    a("--sample-cfg", type=float, default=1.0, help="classifier-free guidance scale of those grids")
-    a("--ckpt-every", type=int, default=1000, help="steps between checkpoints (0 = only at the end)")
-    a("--log-every", type=int, default=50)
+    a("--device", default=None, help="cpu, cuda, cuda:N (None: cuda if available)")
+    a("--seed", type=int, default=0, help="seed of the weights, batches, noise and label dropout")
+    a("--sample-every", type=nonnegative_int, default=1000, help="steps between 8x8 sample grids (0 = only at the end)")
+    a("--sample-cfg", type=nonnegative_float, default=1.0, help="classifier-free guidance scale of those grids")
+    a("--ckpt-every", type=nonnegative_int, default=1000, help="steps between checkpoints (0 = only at the end)")
+    a("--log-every", type=positive_int, default=50, help="steps between log.csv rows and progress lines")
     a("--amp", default="auto", choices=("auto", "off", "fp16", "bf16"),
       help="auto: bf16 on GPUs that have it, fp16 + GradScaler on others (T4), off on CPU")
-    a("--compile", action="store_true", help="torch.compile the training step (1.2x on a 2-core CPU; bench.py)")
-    a("--threads", type=int, default=None,
-      help="CPU threads (default: torch's, one per core); 1 is much faster when other jobs share the cores")
-    a("--max-minutes", type=float, default=None, help="stop cleanly after this wall time, with a checkpoint")
-    a("--tiny", action="store_true", help=argparse.SUPPRESS)  # a 2-block, width-32 model for the tests
+    a("--compile", action="store_true", help="torch.compile the model for training (faster steps, same math)")
+    a("--threads", type=positive_int, default=None, help="CPU threads (None: torch's, one per core)")
+    a("--max-minutes", type=positive_float, default=None, help="stop cleanly after this wall time, with a checkpoint")
     return p
 
 
 def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.seed_recipe:                   # the recipe replaces the defaults; explicit flags still win
-        parser.set_defaults(**SEED_RECIPE)
+    if args.lesson_recipe:                 # the recipe replaces the defaults; explicit flags still win
+        parser.set_defaults(**LESSON_RECIPE)
         args = parser.parse_args(argv)
     if args.model is not None and args.model not in PRESETS:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
-    for name in ("steps", "batch_size", "log_every", "num_timesteps"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    for name in ("warmup", "sample_every", "ckpt_every", "grad_clip"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if not args.lr > 0:
-        raise UserError(f"--lr must be > 0, got {args.lr}")
-    if not 0 <= args.label_dropout < 1 or not 0 <= args.ema_decay < 1:
-        raise UserError("--label-dropout and --ema-decay must be in [0, 1)")
-    if args.max_minutes is not None and args.max_minutes <= 0:
-        raise UserError(f"--max-minutes must be > 0, got {args.max_minutes}")
     return args
+
+
+# ----------------------------------------------------------------------------------------------
+#                    DistributedDataParallel plumbing (only under torchrun)
+# ----------------------------------------------------------------------------------------------
+# Deciding together (a signal, a NaN or the time limit must stop every rank at the same step, or DDP
+# hangs), averaging the logged loss, and each rank's RNG state for an exact resume.
+
+def setup_ddp(device_flag):
+    """-> (rank, world, device); under torchrun (WORLD_SIZE > 1) joins the group: nccl on GPUs, gloo on CPU."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device_flag)
+    if world == 1:
+        return 0, 1, device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def over_ranks(values, op, world, device):
+    """A list of floats combined over ranks: op "max" (true on any rank, for flags) or "mean" (the logged loss)."""
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return (t if op == "max" else t / world).tolist()
+
+
+def rng_states(world, device):
+    """Every rank's global RNG state (it draws the label dropout), in rank order, for the checkpoint."""
+    state = {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})}
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
+    return states
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,20 +153,26 @@ def pick_amp(flag, device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
 
 
-def learning_rate(args, step, elapsed_s):
-    """Linear warm-up, then (--lr-decay cosine) half a cosine from --lr down to 0 at the end of training.
+def learning_rate(args, step):
+    """Linear warm-up over --warmup steps, then constant."""
+    return args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
 
-    "The end" is --steps, or --max-minutes of this invocation if that comes first: a CPU run given 30
-    minutes cannot know how many steps fit, so its progress is the larger of the step and time fractions.
-    Resuming with a larger --steps stretches the cosine: the lr rises again to where the new curve is.
-    """
-    lr = args.lr * min(1.0, (step + 1) / args.warmup) if args.warmup else args.lr
-    if args.lr_decay == "none":
-        return lr
-    progress = step / args.steps
-    if args.max_minutes is not None:
-        progress = max(progress, elapsed_s / (60 * args.max_minutes))
-    return lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+def optimizer_step(loss, model, optimizer, scaler, grad_clip):
+    """Backward, clip, step -> whether a GradScaler (fp16) skipped the step for non-finite gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(optimizer)                   # clip the true gradients, not the scaled ones
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if not scaler:
+        optimizer.step()
+        return False
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    return scaler.get_scale() < scale                # the scale drops exactly when a step was skipped
 
 
 @torch.no_grad()
@@ -174,28 +188,39 @@ def sample_grid(ema, diffusion, config, device, path, cfg_scale):
     """8x8 grid from the EMA weights: row r is class r (cycling when there are fewer than 8 classes)."""
     y = torch.tensor([r % config.num_classes for r in range(8) for _ in range(8)], device=device)
     images = diffusion.sample(ema, (64, config.in_channels, config.image_size, config.image_size), y,
-                              sampler="ddim", steps=GRID_STEPS, cfg_scale=cfg_scale, null_class=config.null_class,
-                              generator=torch.Generator().manual_seed(GRID_SEED), device=device)
+                              sampler="ddim", steps=min(GRID_STEPS, diffusion.num_timesteps), cfg_scale=cfg_scale,
+                              null_class=config.null_class, generator=torch.Generator().manual_seed(GRID_SEED),
+                              device=device)
     save_grid(images, path, nrow=8)
 
 
-def truncate_log(path, step):
-    """On resume, drop log rows written after the checkpoint (a killed run may have logged further)."""
-    if not os.path.exists(path):
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, CSV_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+class RunLog:
+    """log.csv and, when tensorboard is installed, TensorBoard scalars in OUT/tb. A resumed run keeps the
+    rows up to its checkpoint's step (a killed run may have logged further) and goes on from there."""
 
+    def __init__(self, path, step):
+        rows, self.tb = [], None
+        if step and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= step]
+        self.file = open(path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, CSV_FIELDS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=step)
 
-def original_flags(saved):
-    """The flags that decide the model and diffusion configs, as the checkpoint's run gave them."""
-    names = ("model", "dataset", "image_size", "channels", "prediction", "schedule", "num_timesteps", "label_dropout")
-    flags = [f"--{k.replace('_', '-')} {saved[k]}" for k in names if saved.get(k) is not None]
-    return " ".join(flags + [f"--{k.replace('_', '-')}" for k in ("learn_sigma", "tiny") if saved.get(k)])
+    def write(self, step, loss, lr, images_per_s, wall):
+        self.csv.writerow(dict(zip(CSV_FIELDS, (step, f"{loss:.6g}", f"{lr:.6g}", f"{images_per_s:.1f}", f"{wall:.1f}"))))
+        self.file.flush()
+        for name, value in (("loss", loss), ("lr", lr)) if self.tb else ():
+            self.tb.add_scalar(name, value, step)
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
 
 
 class StopFlag:
@@ -215,23 +240,25 @@ class StopFlag:
 
 
 # ----------------------------------------------------------------------------------------------
-#                                         Training
+#                                     Set-up and resume
 # ----------------------------------------------------------------------------------------------
 
-def train(args, rank, world, device):
-    t_start = time.time()
+def configure(args, world, device, say):
+    """Threads, TF32, the default model for the device; refuse a batch that does not split over the ranks."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    master = rank == 0
     if device.type == "cuda":                     # TF32 matmuls: free speed where --amp is off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    say = print if master else (lambda *a, **k: None)
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
     if args.model is None:
         args.model = GPU_MODEL if device.type == "cuda" else CPU_MODEL
         if device.type != "cuda":
             say(f"no CUDA GPU: training the CPU default model {CPU_MODEL} (pass --model to choose)")
+
+
+def run_folder(args):
+    """Create the run folder (default runs/<model>-<dataset>) -> (folder, ckpt.pt path, log.csv path)."""
     out = args.out or os.path.join("runs", re.sub(r"[^a-z0-9]+", "-", args.model.lower()) + "-" + args.dataset)
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -239,102 +266,129 @@ def train(args, rank, world, device):
         raise UserError(f"cannot create run folder {out}: {e.strerror}; pass a writable --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"run folder {out} is not writable; pass a writable --out")
-    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
+    return out, os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
 
-    # ---- data: the whole uint8 set lives on the device; a step is one indexing operation
-    ds = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size, channels=args.channels)
-    images, labels = ds.images.to(device), ds.labels.to(device)
 
-    # ---- model, diffusion, optimizer, EMA
-    preset = TINY_MODEL if args.tiny else PRESETS[args.model]
-    config = dataclasses.replace(preset, image_size=args.image_size, in_channels=ds.channels,
-                                 num_classes=ds.num_classes, class_dropout_prob=args.label_dropout,
-                                 learn_sigma=args.learn_sigma)
-    diff_config = DiffusionConfig(num_timesteps=args.num_timesteps, schedule=args.schedule,
-                                  prediction=args.prediction, learn_sigma=args.learn_sigma)
+def make_configs(args, ds):
+    """The model config (the preset, its size flags, the dataset's shape) and the diffusion config."""
+    sizes = {k: getattr(args, k) for k in SIZE_FLAGS if getattr(args, k) is not None}
+    try:
+        config = dataclasses.replace(PRESETS[args.model], **sizes, image_size=args.image_size, in_channels=ds.channels,
+                                     num_classes=ds.num_classes, class_dropout_prob=args.label_dropout,
+                                     learn_sigma=args.learn_sigma)
+    except ValueError as e:
+        raise UserError(f"{e}; change --image-size, --patch-size, --hidden-size or --num-heads") from None
+    return config, DiffusionConfig(num_timesteps=args.num_timesteps, schedule=args.schedule, prediction=args.prediction)
+
+
+def build(args, config, rank, device):
+    """What a checkpoint holds: the model, its EMA, the optimizer, the GradScaler (fp16) and the batch generator."""
     torch.manual_seed(args.seed)                  # identical initial weights on every rank
     model = DiT(config).to(device)
-    ema = DiT(config).to(device).eval().requires_grad_(False)
-    ema.load_state_dict(model.state_dict())
-    diffusion = GaussianDiffusion(diff_config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    amp_dtype, use_scaler = pick_amp(args.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    data_gen = torch.Generator(device=device).manual_seed(args.seed)
     torch.manual_seed(args.seed + rank)           # label dropout differs per rank, like its data rows
-    step, wall_before = 0, 0.0
+    amp_dtype, use_scaler = pick_amp(args.amp, device)
+    return amp_dtype, {
+        "model": model, "ema": copy.deepcopy(model).eval().requires_grad_(False),
+        "optimizer": torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0),
+        "scaler": torch.amp.GradScaler("cuda") if use_scaler else None,
+        "data_gen": torch.Generator(device).manual_seed(args.seed)}
 
-    # ---- resume: the flags must describe the same model and diffusion as the checkpoint
-    resume = ckpt_path if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(ckpt_path):
-        say(f"--resume auto: no {ckpt_path} yet, starting a new run")
-        resume = None
-    if resume:
-        ckpt = load_checkpoint(resume)
-        missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
-        if missing:
-            raise UserError(f"{resume} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
-        for mine, theirs, what in ((config_dict(config), ckpt["model_config"], "model"),
-                                   (config_dict(diff_config), ckpt["diffusion_config"], "diffusion")):
-            diff = [f"{k}: checkpoint {theirs.get(k)!r}, flags {v!r}" for k, v in mine.items() if theirs.get(k) != v]
-            if diff:
-                raise UserError(f"{resume} was trained with another {what} config ({'; '.join(diff)}); resume with "
-                                f"the original run's flags: {original_flags(ckpt.get('args', {}))}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        step, wall_before = ckpt["step"], ckpt.get("wall_time_s", 0.0)
-        ranks = ckpt["rng"]["ranks"]
-        ddp.set_rng_state(ranks[rank % len(ranks)], device)
-        data_gen.set_state(ckpt["rng"]["data"])
-        say(f"resumed {resume} at step {step}")
-        if master:
-            truncate_log(log_path, step)
-    if step >= args.steps:
-        say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
-        return
 
-    # ---- DDP wrapper and compile: `net` trains, `model` is the plain module that is saved
+def wrap(model, args, world, device):
+    """The module that trains: DDP around the model under torchrun, torch.compile with --compile. Both share
+    the model's parameters, and the plain `model` is what is saved."""
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:    # fuses forward+backward; same fp32 math and label-dropout draws (speedups.py)
-        net = speedups.training_fn(net)
-    say(f"{args.model}{' (tiny)' if args.tiny else ''}: {count_parameters(model) / 1e6:.2f}M parameters, "
-        f"{args.prediction}-prediction, {args.dataset} {tuple(images.shape)}, batch {args.batch_size}"
-        f"{f' over {world} processes' if world > 1 else ''}, device {device}, amp {amp_dtype or 'off'} -> {out}")
+    if args.compile:    # fallback_random: label dropout draws the random numbers eager PyTorch would
+        net = torch.compile(net, options={"fallback_random": True})
+    return net
+
+
+def original_flags(saved):
+    """The flags that decide the model and diffusion configs, as the checkpoint's run gave them."""
+    names = ("model", *SIZE_FLAGS, "dataset", "image_size", "channels", "prediction", "schedule", "num_timesteps",
+             "label_dropout")
+    flags = [f"--{k.replace('_', '-')} {saved[k]}" for k in names if saved.get(k) is not None]
+    return " ".join(flags + ["--learn-sigma"] * bool(saved.get("learn_sigma")))
+
+
+def resume(args, ckpt_path, state, configs, rank, device, say):
+    """--resume PATH or auto (OUT/ckpt.pt if it exists): load it into state -> (step, wall time so far, path).
+    Its configs must equal the flags' ones: argparse cannot tell a default from a typed flag, so silently
+    taking the checkpoint's could ignore one."""
+    path = ckpt_path if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(ckpt_path):
+        say(f"--resume auto: no {ckpt_path} yet, starting a new run")
+        path = None
+    if not path:
+        return 0, 0.0, None
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
+    for (what, mine), theirs in zip(configs.items(), (ckpt["model_config"], ckpt["diffusion_config"])):
+        diff = [f"{k}: checkpoint {theirs.get(k)!r}, flags {v!r}" for k, v in mine.items() if theirs.get(k) != v]
+        if diff:
+            raise UserError(f"{path} was trained with another {what} config ({'; '.join(diff)}); resume with "
+                            f"the original run's flags: {original_flags(ckpt.get('args', {}))}")
+    for name in ("model", "ema", "optimizer"):
+        state[name].load_state_dict(ckpt[name])
+    if state["scaler"] is not None and ckpt.get("scaler"):
+        state["scaler"].load_state_dict(ckpt["scaler"])
+    ranks = ckpt["rng"]["ranks"]
+    mine = ranks[rank % len(ranks)]                # a run resumed on more ranks reuses the first states
+    torch.set_rng_state(mine["torch"])
+    if device.type == "cuda" and "cuda" in mine:
+        torch.cuda.set_rng_state(mine["cuda"], device)
+    state["data_gen"].set_state(ckpt["rng"]["data"])
+    say(f"resumed {path} at step {ckpt['step']}")
+    return ckpt["step"], ckpt.get("wall_time_s", 0.0), path
+
+
+# ----------------------------------------------------------------------------------------------
+#                                         Training
+# ----------------------------------------------------------------------------------------------
+
+def train(args, rank, world, device):
+    t_start, master = time.time(), rank == 0
+    say = print if master else (lambda *a, **k: None)
+    configure(args, world, device, say)
+    out, ckpt_path, log_path = run_folder(args)
+    ds = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size, channels=args.channels)
+    images, labels = ds.images.to(device), ds.labels.to(device)   # all of it, uint8: a batch is one indexing
+    config, diff_config = make_configs(args, ds)
+    diffusion, (amp_dtype, state) = GaussianDiffusion(diff_config), build(args, config, rank, device)
+    model, ema, optimizer, scaler, data_gen = (state[k] for k in ("model", "ema", "optimizer", "scaler", "data_gen"))
+    configs = {"model": config_dict(config), "diffusion": config_dict(diff_config)}
+    step, wall_before, resumed = resume(args, ckpt_path, state, configs, rank, device, say)
+    if step >= args.steps:
+        say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
+        return None
+    net = wrap(model, args, world, device)
+    say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, "
+        f"{args.dataset} {tuple(images.shape)}, batch {args.batch_size}{f' over {world} processes' if world > 1 else ''}, "
+        f"device {device}, amp {amp_dtype or 'off'} -> {out}")
 
     def save(step_done, wall):
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
-        states = ddp.gather_rng_states(world, device)
+        states = rng_states(world, device)
         if master:
             save_checkpoint(ckpt_path, {
                 "model_config": config_dict(config), "diffusion_config": config_dict(diff_config),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "step": step_done, "wall_time_s": wall,
                 "rng": {"data": data_gen.get_state(), "ranks": states}, "class_names": ds.class_names,
-                "dataset": args.dataset, "args": {k: v for k, v in vars(args).items()}})
+                "dataset": args.dataset, "args": vars(args)})
         return step_done
 
-    if master:
-        new_log = not os.path.exists(log_path)
-        log_file = open(log_path, "a", newline="")
-        log = csv.writer(log_file)
-        if new_log:
-            log.writerow(CSV_FIELDS)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(os.path.join(out, "tb"), purge_step=step)
-        except ImportError:
-            tb = None
-    stop = StopFlag()
-    last_ckpt = step if resume else None
+    stop, last_ckpt = StopFlag(), step if resumed else None
+    log = RunLog(log_path, step) if master else None
+    limit = 60 * args.max_minutes - (time.time() - t_start) if args.max_minutes else None
+    progress = Progress(args.steps, "step ", start=step, time_limit=limit, file=sys.stdout) if master else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     B, local = args.batch_size, slice(rank, None, world)
-    loss_sum, n_losses, skipped, t_log = 0.0, 0, 0, time.time()
-    interactive = sys.stdout.isatty()
+    losses, skipped, t_log, note = [], 0, time.time(), ""       # since the last log row
     try:
         # ======================================= the loop =======================================
         while step < args.steps:
@@ -343,57 +397,37 @@ def train(args, rank, world, device):
             t = torch.randint(diffusion.num_timesteps, (B,), generator=data_gen, device=device)[local]
             noise = torch.randn((B, *images.shape[1:]), generator=data_gen, device=device)[local]
             x0, y = data.to_model_range(images[idx]), labels[idx]
-            lr = learning_rate(args, step, time.time() - t_start)
+            lr = learning_rate(args, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
             with autocast():
                 loss = diffusion.training_loss(net, x0, y, t=t, noise=noise)["loss"]
             loss_value = loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.unscale_(optimizer)     # clip the true gradients, not the scaled ones
-            if args.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            if scaler:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                skipped += scaler.get_scale() < scale   # the scale drops exactly when a step was skipped
-            else:
-                optimizer.step()
+            skipped += optimizer_step(loss, model, optimizer, scaler, args.grad_clip)
             update_ema(ema, model, args.ema_decay, step)
             step += 1
 
-            # ---- NaN, signal, time limit: decided together on all ranks, before anything is saved
+            # NaN, signal, time limit: decided together on all ranks, before anything is saved
             timed_out = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
             bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
-            bad, stopping = ddp.any_rank([bad, stop.signum is not None or timed_out], world, device)
+            bad, stopping = over_ranks([bad, stop.signum is not None or timed_out], "max", world, device)
             if bad:
                 where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
                 raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {where}; "
                                 f"lower --lr or use --amp off")
-            if math.isfinite(loss_value):
-                loss_sum, n_losses = loss_sum + loss_value, n_losses + 1
-
-            # ---- log, grid, checkpoint
-            wall = wall_before + time.time() - t_start
-            if step % args.log_every == 0 or step == args.steps or stopping:
-                mean_loss = ddp.mean_over_ranks(loss_sum / max(n_losses, 1), world, device)
-                ips = B * n_losses / max(time.time() - t_log, 1e-9)
+            losses += [loss_value] if math.isfinite(loss_value) else []
+            end, wall, logging = stopping or step == args.steps, wall_before + time.time() - t_start, False
+            if step % args.log_every == 0 or end:
+                (mean_loss,), logging = over_ranks([sum(losses) / max(len(losses), 1)], "mean", world, device), True
+                images_per_s = B * len(losses) / max(time.time() - t_log, 1e-9)
+                note = (f" | loss {mean_loss:.4f} | {images_per_s:.0f} img/s | lr {lr:.2e}"
+                        + (f" | {skipped} fp16 steps skipped" if skipped else ""))
                 if master:
-                    log.writerow([step, f"{mean_loss:.6g}", f"{lr:.6g}", f"{ips:.1f}", f"{wall:.1f}"])
-                    log_file.flush()
-                    if tb:
-                        tb.add_scalar("loss", mean_loss, step)
-                        tb.add_scalar("lr", lr, step)
-                    line = (f"step {step}/{args.steps} | loss {mean_loss:.4f} | {ips:.0f} img/s | lr {lr:.2e} | "
-                            f"{wall / 60:.1f} min" + (f" | {skipped} fp16 steps skipped" if skipped else ""))
-                    print(("\r" + line) if interactive else line, end="" if interactive else "\n", flush=True)
-                loss_sum, n_losses, t_log = 0.0, 0, time.time()
-            end = stopping or step == args.steps
-            t_pause = time.time()               # grids and checkpoints do not count against images/s
+                    log.write(step, mean_loss, lr, images_per_s, wall)
+                losses, t_log = [], time.time()
+            if master:
+                progress.update(step, note, force=logging)
+            t_pause = time.time()                   # grids and checkpoints do not count against images/s
             if master and (end or (args.sample_every and step % args.sample_every == 0)):
                 sample_grid(ema, diffusion, config, device, os.path.join(out, "samples", f"step_{step:07d}.png"),
                             args.sample_cfg)
@@ -406,11 +440,8 @@ def train(args, rank, world, device):
     finally:
         stop.restore()
         if master:
-            log_file.close()
-            if tb:
-                tb.close()
-    if interactive and master:
-        print()
+            progress.close()
+            log.close()
     why = {None: "done", signal.SIGINT: "stopped by SIGINT", signal.SIGTERM: "stopped by SIGTERM"}[stop.signum]
     if stop.signum is None and step < args.steps:
         why = f"stopped after --max-minutes {args.max_minutes}"
@@ -421,7 +452,7 @@ def train(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = ddp.setup_ddp(args.device)
+    rank, world, device = setup_ddp(args.device)
     try:
         signum = train(args, rank, world, device)
         if world > 1:

@@ -1,19 +1,22 @@
-"""Tests import the top-level modules from the repository root, and run on few threads (CI has 2 cores)."""
+"""Tests import the repository's modules (top level and tools/), and run on few threads (CI has 2 cores)."""
 import os
 import sys
 
 # Spinning OpenMP threads collapse when another process shares the 2 cores (a subprocess test, a
-# parallel job): measured 4x slower per step. Passive waiting must be set before torch loads OpenMP.
+# parallel job): passive waiting must be set before torch loads OpenMP. Subprocesses inherit it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tools")]
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-
-import pytest  # noqa: E402
+# Real MNIST (the four official IDX .gz files): $MNIST_DIR, else the build machines' copy beside the checkout.
+MNIST = os.environ.get("MNIST_DIR") or os.path.join(ROOT, "..", "shared", "data", "mnist")
+HAVE_MNIST = os.path.isfile(os.path.join(MNIST, "t10k-images-idx3-ubyte.gz"))
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"real MNIST not found at {MNIST} (set MNIST_DIR)")
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,8 @@
 """The bad-input matrix (issue: never a stack trace): each case runs a script's main() through
-common.run_cli and checks exit status 2 and a single line on stderr that names the problem.
+cli.run_cli and checks exit status 2 and a single line on stderr that names the problem.
 
 ONNX/engine cases (file from another checkpoint, another GPU, batch outside the engine profile, TensorRT
-missing) run against real exported files in tests/test_backends.py and tests/test_export.py."""
+missing) run against real exported files in tests/test_runtime.py and tests/test_export.py."""
 import gzip
 import hashlib
 import os
@@ -13,14 +13,15 @@ import sys
 import pytest
 import torch
 
-import common
+import cli
 import data
 import sample
 import train
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
-MNIST = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "mnist")
+from conftest import MNIST
+from test_train import TINY_MODEL
 TINY = DiTConfig(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2)
 
 
@@ -28,7 +29,7 @@ def one_line_error(capsys, monkeypatch, script, main, argv):
     """Run main via run_cli; return the error line after checking exit status 2 and a single line."""
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(main)
+        cli.run_cli(main)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith(f"{script}: error: "), err
@@ -38,8 +39,8 @@ def one_line_error(capsys, monkeypatch, script, main, argv):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    common.save_checkpoint(path, {"model_config": common.config_dict(TINY),
-                                  "diffusion_config": common.config_dict(DiffusionConfig(prediction="x0")),
+    cli.save_checkpoint(path, {"model_config": cli.config_dict(TINY),
+                                  "diffusion_config": cli.config_dict(DiffusionConfig(prediction="x0")),
                                   "model": DiT(TINY).state_dict(), "ema": None, "step": 0,
                                   "class_names": [str(i) for i in range(10)]})
     return str(path)
@@ -63,7 +64,7 @@ def bad_checkpoints(folder, good):
     torch.save({"a": Evil()}, folder / "evil.pt")
     cases["pickled code"] = (folder / "evil.pt", "pickled code")
     with open(folder / "plain.pkl", "wb") as f:
-        pickle.dump({"format": common.CHECKPOINT_FORMAT}, f)
+        pickle.dump({"format": cli.CHECKPOINT_FORMAT}, f)
     cases["plain pickle"] = (folder / "plain.pkl", "not a readable checkpoint")
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
     cases["another project's .pt"] = (folder / "foreign.pt", "not a DiT checkpoint")
@@ -92,10 +93,13 @@ def test_bad_checkpoints(ckpt, tmp_path, capsys, monkeypatch):
     (["--labels", "2 elevn 4"], "unknown label 'elevn'"),
     (["--labels", "3 10"], "label 10 is out of range"),
     (["--labels", "-1"], "label -1 is out of range"),
-    (["--num-samples", "0"], "--num-samples must be > 0"),
-    (["--steps", "0"], "--steps must be > 0"),
-    (["--steps", "-5"], "--steps must be > 0"),
-    (["--steps", "1001"], "exceeds the 1000 timesteps"),
+    (["--num-samples", "0"], "argument --num-samples: must be an integer > 0, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer > 0, got 0"),
+    (["--steps", "-5"], "argument --steps: must be an integer > 0, got -5"),
+    (["--steps", "1001"], "--steps 1001 is outside 1-1000, the timesteps the model was trained with"),
+    (["--cfg-scale", "nan"], "argument --cfg-scale: must be a number >= 0, got nan"),
+    (["--eta", "inf"], "argument --eta: must be a number >= 0, got inf"),
+    (["--steps", "2.5"], "argument --steps: expected an integer > 0, got '2.5'"),
     (["--labels", "1", "--num-samples", "3"], "either --labels or --num-samples"),
     (["--device", "cuda:0"], "no CUDA GPU"),
 ])
@@ -113,28 +117,28 @@ def test_unwritable_outputs(ckpt, tmp_path, capsys, monkeypatch):
                          ["--ckpt", ckpt, "--out", str(tmp_path / "file" / "g.png")])
     assert "cannot write" in err
     err = one_line_error(capsys, monkeypatch, "train.py", train.main,
-                         ["--tiny", "--data-dir", str(tmp_path), "--out", str(tmp_path / "file" / "run")])
+                         [*TINY_MODEL, "--data-dir", str(tmp_path), "--out", str(tmp_path / "file" / "run")])
     assert "cannot write" in err or str(tmp_path / "file") in err
 
 
 # ---------------------------------------------------------------- training flags and data
 
 @pytest.mark.parametrize("argv,words", [
-    (["--steps", "0"], "--steps must be > 0"),
-    (["--steps", "-3"], "--steps must be > 0"),
+    (["--steps", "0"], "argument --steps: must be an integer > 0, got 0"),
+    (["--steps", "-3"], "argument --steps: must be an integer > 0, got -3"),
     (["--model", "DiT-Q/3"], "unknown --model 'DiT-Q/3'"),
     (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
 ])
 def test_bad_training_flags(tmp_path, capsys, monkeypatch, argv, words):
     err = one_line_error(capsys, monkeypatch, "train.py", train.main,
-                         ["--tiny", "--data-dir", MNIST, "--out", str(tmp_path / "run"), *argv])
+                         [*TINY_MODEL, "--data-dir", MNIST, "--out", str(tmp_path / "run"), *argv])
     assert words in err, err
 
 
 @pytest.fixture()
 def mnist_copy(tmp_path):
     if not os.path.isdir(MNIST):
-        pytest.skip("../shared/data/mnist is absent")
+        pytest.skip(f"real MNIST not found at {MNIST} (set MNIST_DIR)")
     folder = tmp_path / "mnist"
     shutil.copytree(MNIST, folder)
     return folder
@@ -165,7 +169,7 @@ def corrupt_labels(folder, how):
 def test_corrupt_dataset_files_stop_training_with_one_line(mnist_copy, tmp_path, capsys, monkeypatch, how, words):
     path = corrupt_labels(mnist_copy, how)
     err = one_line_error(capsys, monkeypatch, "train.py", train.main,
-                         ["--tiny", "--data-dir", str(mnist_copy), "--out", str(tmp_path / "run")])
+                         [*TINY_MODEL, "--data-dir", str(mnist_copy), "--out", str(tmp_path / "run")])
     assert words in err and path.name in err, err
 
 
@@ -184,6 +188,6 @@ def test_corrupt_file_that_passes_md5_names_the_real_problem(mnist_copy, tmp_pat
 def test_folder_dataset_without_images(tmp_path, capsys, monkeypatch):
     (tmp_path / "empty" / "cats").mkdir(parents=True)
     err = one_line_error(capsys, monkeypatch, "train.py", train.main,
-                         ["--tiny", "--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
+                         [*TINY_MODEL, "--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
                           "--out", str(tmp_path / "run")])
     assert "no images" in err, err

@@ -4,7 +4,6 @@ import hashlib
 import io
 import os
 import pickle
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
+import cli
+import data
+from conftest import HAVE_MNIST, MNIST
+from data import DataError, load_dataset
 
-MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
+MNIST_DIR = Path(MNIST)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -187,9 +186,9 @@ def test_bad_arguments(tmp_path):
     assert_data_error(lambda: load_dataset("mnist", str(tmp_path)), "train-images-idx3-ubyte", "--data-dir")
     assert_data_error(lambda: load_dataset("folder"), "--data-dir")
 
-# ---------------------------------------------------------------- real MNIST from ../shared/data/mnist
+# ---------------------------------------------------------------- real MNIST (conftest.MNIST)
 
-needs_mnist = pytest.mark.skipif(not MNIST_DIR.is_dir(), reason=f"real MNIST not at {MNIST_DIR}")
+needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"real MNIST not at {MNIST_DIR} (set MNIST_DIR)")
 
 
 @pytest.fixture(scope="module")
@@ -232,8 +231,8 @@ def test_model_range_round_trip(mnist_train):
     images = mnist_train.images[:512]
     x = data.to_model_range(images)
     assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
-    assert data.from_model_range(x).equal(images)
-    assert data.from_model_range(torch.tensor([-3.0, 0.0, 7.0])).tolist() == [0, 128, 255]  # clamped, rounded
+    assert cli.to_uint8(x).equal(images)                                  # the way back
+    assert cli.to_uint8(torch.tensor([-3.0, 0.0, 7.0])).tolist() == [0, 128, 255]  # clamped, rounded
 
 # ---------------------------------------------------------------- Fashion-MNIST from the Debian package
 

@@ -116,24 +116,62 @@ def test_respaced_ddpm_with_all_steps_equals_plain_ddpm():
 
 def test_space_timesteps():
     assert space_timesteps(1000, 5) == [0, 250, 500, 749, 999]
+    assert space_timesteps(1000, 1) == [999]                              # one step: the noisiest timestep
     with pytest.raises(ValueError):
         space_timesteps(1000, 0)
 
 
-def test_cfg_scale_one_equals_conditional_prediction():
-    model = DiT(DiTConfig(image_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2)).eval()
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_one_step_is_one_call_at_the_last_timestep_and_returns_its_x0(sampler):
+    d, seen = GaussianDiffusion(DiffusionConfig(prediction="x0")), []
+    x0 = torch.rand(2, 1, 4, 4) * 1.8 - 0.9
+
+    def model(x, t, y):
+        seen.append(t.tolist())
+        return x0
+    out = d.sample(model, (2, 1, 4, 4), torch.zeros(2, dtype=torch.long), sampler=sampler, steps=1,
+                   generator=torch.Generator().manual_seed(0))
+    assert seen == [[999, 999]] and torch.allclose(out, x0, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_timesteps", [1, 2, 10])
+def test_very_short_processes_are_valid(num_timesteps):
+    d = GaussianDiffusion(DiffusionConfig(num_timesteps=num_timesteps))
+    assert (d.betas > 0).all() and (d.betas < 1).all() and torch.isfinite(d.posterior_log_variance_clipped).all()
+    model = lambda x, t, y: torch.cat([torch.tanh(x), torch.zeros_like(x)], 1)    # learned variance too
+    out = d.sample(model, (2, 1, 4, 4), torch.zeros(2, dtype=torch.long), sampler="ddpm", steps=num_timesteps,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out).all()
+    terms = d.training_loss(model, torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+    assert torch.isfinite(terms["loss"]) and "vlb" in terms
+
+
+def test_variance_channels_are_read_off_the_output():
+    d, x = GaussianDiffusion(DiffusionConfig(prediction="x0")), torch.zeros(2, 3, 4, 4)
+    t = torch.tensor([3, 4])
+    assert d.split_output(torch.ones(2, 3, 4, 4), x, t)[1] is None
+    assert d.split_output(torch.ones(2, 6, 4, 4), x, t)[1].shape == (2, 3, 4, 4)
+    with pytest.raises(ValueError, match="returned 4 channels for 3-channel images"):
+        d.split_output(torch.ones(2, 4, 4, 4), x, t)
+
+
+def test_cfg_is_one_doubled_batch_and_guides_every_channel():
+    model = DiT(DiTConfig(image_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2, learn_sigma=True)).eval()
     for p in model.parameters():
         p.data.normal_(0, 0.1)
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([5, 600]), torch.tensor([1, 2])
     assert guided(model, 1.0, 10) is model
     cond, uncond = model(x, t, y), model(x, t, torch.full_like(y, 10))
-    assert torch.allclose(guided(model, 3.0, 10)(x, t, y), model.forward_with_cfg(x, t, y, 3.0), atol=1e-5)
+    calls = []
+    counted = lambda *a: calls.append(len(a[0])) or model(*a)
+    assert torch.allclose(guided(counted, 3.0, 10)(x, t, y), uncond + 3.0 * (cond - uncond), atol=1e-4)
+    assert calls == [4]                                                  # one call, conditional and null batch
     assert torch.allclose(guided(model, 0.0, 10)(x, t, y), uncond, atol=1e-5)
-    assert not torch.allclose(cond, uncond)
+    assert not torch.allclose(cond[:, 1:], uncond[:, 1:])                # the variance channel is guided too
 
 
 def test_sampling_is_bit_identical_for_a_seed():
-    d = GaussianDiffusion(DiffusionConfig(learn_sigma=True))
+    d = GaussianDiffusion(DiffusionConfig())
     model = lambda x, t, y: torch.cat([torch.tanh(x), torch.zeros_like(x)], 1)
     run = lambda: d.sample(model, (2, 1, 4, 4), torch.tensor([1, 2]), sampler="ddpm", steps=30,
                            cfg_scale=2.0, null_class=10, generator=torch.Generator().manual_seed(7))
@@ -149,7 +187,7 @@ def test_dynamic_threshold():
 
 
 def test_hybrid_loss_with_learned_sigma():
-    d = GaussianDiffusion(DiffusionConfig(learn_sigma=True))
+    d = GaussianDiffusion(DiffusionConfig())
     model = DiT(DiTConfig(image_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2, learn_sigma=True))
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     terms = d.training_loss(model, x0, torch.tensor([0, 1, 2, 3]), t=torch.tensor([0, 1, 500, 999]))

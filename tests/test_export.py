@@ -1,6 +1,6 @@
 """export.py on a tiny checkpoint: the ONNX files, their I/O, their agreement with PyTorch, the fp32
 islands of the fp16 graph, the sidecars, and the one-line errors. One export per test session
-(~20 s on 2 cores), shared with test_backends.py through exported_tiny()."""
+(~20 s on 2 cores), shared with test_runtime.py through exported_tiny()."""
 import contextlib
 import io
 import os
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import export
-from common import UserError, config_dict, file_sha256, load_checkpoint, model_from_checkpoint, run_cli, save_checkpoint
+from cli import UserError, config_dict, file_sha256, load_checkpoint, run_cli, save_checkpoint
+from runtime import model_from_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
@@ -25,7 +26,7 @@ def make_checkpoint(path, seed=0, prediction="x0"):
     model = DiT(TINY)
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
-    diffusion = DiffusionConfig(prediction=prediction, learn_sigma=TINY.learn_sigma)
+    diffusion = DiffusionConfig(prediction=prediction)
     save_checkpoint(path, {"model_config": config_dict(TINY), "diffusion_config": config_dict(diffusion),
                            "model": model.state_dict(), "ema": model.state_dict(),
                            "class_names": [str(i) for i in range(10)], "step": 7})
@@ -133,7 +134,7 @@ def test_tolerance_check_fails_with_clear_message():
 
 
 def test_sidecars_record_source_and_checks(tiny):
-    from backends import load_sidecar
+    from runtime import load_sidecar
     ckpt = load_checkpoint(tiny["ckpt"])
     for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
         path = os.path.join(tiny["dir"], name)

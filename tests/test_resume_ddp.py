@@ -17,13 +17,15 @@ import time
 import pytest
 import torch
 
-import common
+import cli
+import runtime
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MNIST = os.path.join(ROOT, "..", "shared", "data", "mnist")
-pytestmark = pytest.mark.skipif(not os.path.isdir(MNIST), reason=f"real MNIST not found at {MNIST}")
-TINY = ["--data-dir", MNIST, "--tiny", "--batch-size", "16", "--threads", "1", "--device", "cpu", "--warmup", "3"]
+from conftest import MNIST, ROOT, needs_mnist
+from test_train import TINY_MODEL
+
+pytestmark = needs_mnist
+TINY = ["--data-dir", MNIST, *TINY_MODEL, "--batch-size", "16", "--threads", "1", "--device", "cpu", "--warmup", "3"]
 
 
 def load(out):
@@ -49,19 +51,16 @@ def assert_identical(a, b):
 
 
 def test_resume_is_bit_exact(tmp_path):
-    # the default constant lr: with --lr-decay cosine a first half run with --steps 4 would decay
-    # faster than the whole (the cosine is what test_kill_and_resume_is_bit_exact resumes)
-    flat = [*TINY, "--lr-decay", "none"]
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
-    train.main([*flat, "--steps", "8", "--out", whole])
-    train.main([*flat, "--steps", "4", "--out", halves])
-    train.main([*flat, "--steps", "8", "--out", halves, "--resume", os.path.join(halves, "ckpt.pt")])
+    train.main([*TINY, "--steps", "8", "--out", whole])
+    train.main([*TINY, "--steps", "4", "--out", halves])
+    train.main([*TINY, "--steps", "8", "--out", halves, "--resume", os.path.join(halves, "ckpt.pt")])
     assert_identical(load(whole), load(halves))
 
 
 def test_kill_and_resume_is_bit_exact(tmp_path):
     killed, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
-    steps = ["--steps", "40", "--ckpt-every", "3", "--log-every", "1", "--lr-decay", "cosine"]
+    steps = ["--steps", "40", "--ckpt-every", "3", "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, *steps, "--out", killed],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -70,7 +69,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)                  # no chance to clean up: the atomic checkpoint must survive
     proc.wait(timeout=30)
-    at_kill = common.load_checkpoint(os.path.join(killed, "ckpt.pt"))
+    at_kill = cli.load_checkpoint(os.path.join(killed, "ckpt.pt"))
     assert 3 <= at_kill["step"] < 40, "the run finished before the kill; nothing was tested"
     train.main([*TINY, *steps, "--out", killed, "--resume", "auto"])
     train.main([*TINY, *steps, "--out", whole])
@@ -88,7 +87,7 @@ def torchrun(args, out):
 
 
 def test_ddp_matches_single_process_and_resumes(tmp_path):
-    args = [*TINY, "--label-dropout", "0", "--lr-decay", "none", "--steps", "8", "--log-every", "1"]
+    args = [*TINY, "--label-dropout", "0", "--steps", "8", "--log-every", "1"]
     single, single4 = str(tmp_path / "single"), str(tmp_path / "single4")
     ddp, ddp_resumed = str(tmp_path / "ddp"), str(tmp_path / "ddp_resumed")
     train.main([*args, "--out", single])
@@ -102,7 +101,7 @@ def test_ddp_matches_single_process_and_resumes(tmp_path):
         ckpt = load(out)
         assert ckpt["step"] == 8 and len(ckpt["rng"]["ranks"]) == 2
         assert not any(k.startswith("module.") for k in ckpt["model"])
-        model, _, _, _ = common.model_from_checkpoint(os.path.join(out, "ckpt.pt"))   # loads in one process
+        model, _, _, _ = runtime.model_from_checkpoint(os.path.join(out, "ckpt.pt"))   # loads in one process
         reference = load(single)["ema"]                                             # sampling weights
         for k, v in model.state_dict().items():
             assert torch.allclose(v, reference[k], atol=1e-5), k

@@ -6,12 +6,12 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+import cli
 import sample
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
-CELL = 32 + 2          # image size + grid padding (common.image_grid)
+CELL = 32 + 2          # image size + grid padding (cli.image_grid)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -27,9 +27,9 @@ def ckpt(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    common.save_checkpoint(path, {
-        "model_config": common.config_dict(config),
-        "diffusion_config": common.config_dict(DiffusionConfig(prediction="x0")),
+    cli.save_checkpoint(path, {
+        "model_config": cli.config_dict(config),
+        "diffusion_config": cli.config_dict(DiffusionConfig(prediction="x0")),
         "model": model.state_dict(), "ema": model.state_dict(), "step": 7,
         "class_names": [str(i) for i in range(10)], "dataset": "mnist"})
     return str(path)
@@ -75,8 +75,8 @@ def test_ddpm_cfg_thresholding_no_ema_run(ckpt, tmp_path):
 @pytest.mark.parametrize("extra, message", [
     (["--labels", "2 twelve"], "unknown label 'twelve'"),
     (["--labels", "3 10"], "label 10 is out of range"),
-    (["--num-samples", "0"], "--num-samples must be > 0"),
-    (["--steps", "0"], "--steps must be > 0"),
+    (["--num-samples", "0"], "argument --num-samples: must be an integer > 0, got 0"),
+    (["--steps", "0"], "argument --steps: must be an integer > 0, got 0"),
     (["--labels", "1", "--num-samples", "3"], "either --labels or --num-samples"),
 ])
 def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, monkeypatch, extra, message):
@@ -101,7 +101,7 @@ def test_not_a_checkpoint_and_unwritable_out(ckpt, tmp_path, capsys, monkeypatch
 def check_one_line_error(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
-        common.run_cli(sample.main)
+        cli.run_cli(sample.main)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sample.py: error:") and message in err, err

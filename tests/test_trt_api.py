@@ -1,4 +1,4 @@
-"""Every TensorRT name backends.py and export.py use exists in TensorRT 11.4 with a compatible signature.
+"""Every TensorRT name runtime.py and export.py use exists in TensorRT 11.4 with a compatible signature.
 
 TensorRT cannot be installed on our machines, so its code never runs in CI. This test reads the code
 with the ast module and checks each use against the API dumped from the real 11.4.0.106 bindings
@@ -21,7 +21,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_PATH = os.path.join(ROOT, "..", "shared", "trt-api", "tensorrt-11.4.0.106-api.json")
-FILES = ("backends.py", "export.py", "infer_trt.py")
+FILES = ("runtime.py", "export.py", "infer_trt.py")
 
 # Variable (or self attribute) name -> the TensorRT class of the object it holds.
 NAMES = {"logger": "Logger", "builder": "Builder", "network": "INetworkDefinition", "onnx_parser": "OnnxParser",

@@ -1,9 +1,9 @@
 """
 The model call on three runtimes, so diffusion.py's samplers run unchanged on any of them:
 
-    TorchBackend(model)            eager PyTorch, the reference
-    OrtBackend("model.onnx")       ONNX Runtime: CPU, or CUDA when onnxruntime-gpu is installed
-    TrtBackend("model_fp16.engine") a TensorRT 11 engine on a CUDA GPU, optionally through CUDA graphs
+    TorchBackend(model)              eager PyTorch (fp32, or a bf16/fp16 copy of the weights)
+    OrtBackend("model.onnx")         ONNX Runtime: CPU, or CUDA when onnxruntime-gpu is installed
+    TrtBackend("model_fp16.engine")  a TensorRT 11 engine on a CUDA GPU, optionally through CUDA graphs
 
 Each is a callable  out = f(x, t, y)  with x float32 (N, C, H, W), t and y int64 (N,) torch tensors,
 returning float32 `out` (N, C_out, H, W) on `f.device`: the network's raw prediction (eps, x0 or v, as
@@ -15,20 +15,93 @@ GPU and batch profile. Backends refuse a file whose sidecar is missing or disagr
 the checkpoint or the GPU: a stale engine otherwise samples wrong images without any error.
 
 TensorRT is imported lazily and never touched without a CUDA device: on a GPU-less machine its
-calls can segfault the process instead of raising (see ../shared/notes/tensorrt_onnx.md, 1.2).
+calls can crash the process instead of raising.
+
+Read top to bottom:  checkpoints -> PyTorch -> sidecars -> ONNX Runtime -> CUDA graphs -> TensorRT
+-> opening a backend -> the batch loop of the sampling scripts.
 """
+import copy
 import importlib.util
 import json
 import os
-import time
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from common import UserError, atomic_write, file_sha256, model_from_checkpoint
+from cli import DEFAULT_NUM_SAMPLES, UserError, atomic_write, file_sha256, load_checkpoint, parse_labels
+from diffusion import DiffusionConfig, GaussianDiffusion
+from dit import DiT, DiTConfig
 
-BACKENDS = ("trt", "ort", "torch")      # fastest first: the default is the first one available
-IO_NAMES = ("x", "t", "y", "out")
+BACKENDS = ("trt", "ort", "torch")      # fastest first: infer_trt.py's default is the first one usable
+IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t, y; output out
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   From a checkpoint to a model
+# ----------------------------------------------------------------------------------------------
+
+def configs_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild (DiTConfig, DiffusionConfig) from the dicts stored in a checkpoint (or an export sidecar)."""
+    # Files written before the model config became the one home of learn_sigma also carry it in the
+    # diffusion config (the diffusion now reads it off the network's output channels).
+    diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
+    try:
+        return DiTConfig(**ckpt["model_config"]), DiffusionConfig(**diffusion)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} has a model config this code does not understand ({e}); "
+                        f"it was written by another version") from None
+
+
+def model_from_checkpoint(path, device="cpu", use_ema=True):
+    """Checkpoint file -> (DiT in eval mode on device, GaussianDiffusion, class_names, checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    model_config, diffusion_config = configs_from_checkpoint(ckpt, path)
+    model = DiT(model_config)
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not match its model config ({first[:160]}); the file is corrupt") from None
+    class_names = ckpt.get("class_names") or [str(i) for i in range(model_config.num_classes)]
+    return model.to(device).eval(), GaussianDiffusion(diffusion_config), class_names, ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            PyTorch
+# ----------------------------------------------------------------------------------------------
+
+class LowPrecision(nn.Module):
+    """A bf16/fp16 copy of the model behind float32 inputs and output, so the sampler's math stays fp32.
+
+    Casting the weights once beats autocast, which re-casts every weight on every call. dit.py keeps the
+    numerically fragile parts (timestep sin/cos, LayerNorm statistics) in fp32 whatever the weights' dtype,
+    so the fp16 ONNX graph exported from this module keeps them in fp32 too.
+    """
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(dtype).eval()
+        self.config = model.config
+
+    def forward(self, x, t, y):
+        return self.model(x.to(next(self.model.parameters()).dtype), t, y).float()
+
+
+class TorchBackend:
+    """The PyTorch model, eager: the reference every other backend is compared against.
+    dtype bf16/fp16: a low-precision copy of the weights (LowPrecision). meta: the checkpoint it came from."""
+
+    def __init__(self, model, dtype=None, meta=None):
+        self.net = model.eval() if dtype in (None, torch.float32) else LowPrecision(model, dtype)
+        self.device = next(model.parameters()).device
+        self.name, self.meta = "torch", meta
+
+    @torch.no_grad()
+    def __call__(self, x, t, y):
+        d = self.device
+        return self.net(x.to(d, torch.float32), t.to(d), y.to(d)).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,22 +183,8 @@ def check_profile(meta, batch, artifact="the engine"):
 
 
 # ----------------------------------------------------------------------------------------------
-#                                  PyTorch and ONNX Runtime
+#                                         ONNX Runtime
 # ----------------------------------------------------------------------------------------------
-
-class TorchBackend:
-    """The eager PyTorch model: the baseline every other backend is compared against."""
-
-    def __init__(self, model):
-        self.model = model.eval()
-        self.device = next(model.parameters()).device
-        self.name = "torch"
-
-    @torch.no_grad()
-    def __call__(self, x, t, y):
-        d = self.device
-        return self.model(x.to(d, torch.float32), t.to(d), y.to(d)).float()
-
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
                 "tensor(int32)": np.int32}
@@ -135,7 +194,7 @@ class OrtBackend:
     """An ONNX file in ONNX Runtime; numpy I/O converted from/to torch. CUDA EP when available.
     The sidecar is checked (against ckpt_path / ckpt when given) unless meta, an already checked one, is passed."""
 
-    def __init__(self, onnx_path, providers=None, ckpt_path=None, ckpt=None, meta=None):
+    def __init__(self, onnx_path, providers=None, ckpt_path=None, ckpt=None, meta=None, session_options=None):
         import onnxruntime as ort
         if meta is None:
             meta = load_sidecar(onnx_path)
@@ -145,7 +204,7 @@ class OrtBackend:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
-            self.session = ort.InferenceSession(os.fspath(onnx_path), providers=providers)
+            self.session = ort.InferenceSession(os.fspath(onnx_path), sess_options=session_options, providers=providers)
         except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first[:160]}); rerun export.py") from None
@@ -160,6 +219,53 @@ class OrtBackend:
                  for name, v in (("x", x), ("t", t), ("y", y))}
         out = self.session.run(["out"], feeds)[0]
         return torch.from_numpy(out).float().to(x.device)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                          CUDA graphs
+# ----------------------------------------------------------------------------------------------
+
+class CudaGraphs:
+    """A model call recorded once per input shape as a CUDA graph and replayed: one launch per network
+    evaluation instead of one per kernel, which is what limits a small DiT at small batch on a GPU.
+
+    A graph reads and writes fixed addresses, so each shape gets static input buffers: a call copies
+    x, t, y into them, replays, and returns a clone of the static output (the next replay overwrites it).
+    prepare(x, t, y) gets those buffers and returns `run`, a zero-argument function that computes the
+    output from them and returns it; `run` is called `warmup` times, then once under capture.
+    """
+
+    def __init__(self, prepare, stream=None, warmup=3):
+        self.prepare, self.stream, self.warmup = prepare, stream, warmup
+        self.graphs = {}                     # input shapes -> (graph, static inputs, static output)
+
+    @torch.no_grad()
+    def _capture(self, x, t, y):
+        static = (x.clone(), t.clone(), y.clone())
+        run = self.prepare(*static)
+        # Warm up outside the capture so one-time work (cuBLAS handles, kernel selection, lazy
+        # allocations, TensorRT's set-up on its first enqueue) is not recorded.
+        stream = self.stream or torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(self.warmup):
+                run()
+        stream.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = run()
+        return graph, static, out
+
+    @torch.no_grad()
+    def __call__(self, x, t, y):
+        key = (tuple(x.shape), tuple(t.shape), tuple(y.shape))
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(x, t, y)
+        graph, static, out = self.graphs[key]
+        for buffer, value in zip(static, (x, t, y)):
+            buffer.copy_(value)
+        graph.replay()
+        return out.clone()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,10 +317,9 @@ def torch_dtype(trt, dtype):
 class TrtBackend:
     """A TensorRT engine: torch CUDA tensors bound by address, execute_async_v3 on a side stream.
 
-    cuda_graph=True records one CUDA graph per batch size (the sampler repeats the same call 10-1000
-    times, so launching one graph replaces TensorRT's per-call kernel launches). A graph bakes in
-    every address and shape, so each batch size gets its own execution context, static input and
-    output buffers, and graph; a call copies its inputs in, replays, and clones the output out.
+    cuda_graph=True replays each batch size as one CUDA graph (CudaGraphs): the sampler repeats the same
+    call 10-1000 times, so one graph launch replaces TensorRT's per-call kernel launches. A graph bakes in
+    every address and shape, so each batch size gets its own execution context bound to its buffers.
     The sidecar is checked (checkpoint, GPU) unless meta, an already checked one, is passed."""
 
     def __init__(self, engine_path, cuda_graph=False, ckpt_path=None, ckpt=None, meta=None):
@@ -222,7 +327,7 @@ class TrtBackend:
             meta = load_sidecar(engine_path)
             check_sidecar(meta, engine_path, ckpt_path, ckpt, gpu_name=current_gpu_name())
         trt = import_tensorrt()
-        self.meta, self.name, self.cuda_graph = meta, "trt", cuda_graph
+        self.meta, self.name = meta, "trt"
         self.device = torch.device("cuda")
         self.runtime = trt.Runtime(trt_logger(trt))        # must outlive the engine
         with open(engine_path, "rb") as f:
@@ -236,10 +341,9 @@ class TrtBackend:
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in IO_NAMES}
         low, _, high = self.engine.get_tensor_profile_shape("x", 0)      # (min, opt, max) shapes of x
         self.meta = {**meta, "profile": {**meta.get("profile", {}), "min": low[0], "max": high[0]}}
-        self.image_shape = tuple(high)[1:]                                # (C, H, W)
         self.context = self.engine.create_execution_context()
         self.stream = torch.cuda.Stream()                  # TensorRT syncs more on the default stream
-        self.graphs = {}                                   # batch size -> (context, x, t, y, out, graph)
+        self.graphs = CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1) if cuda_graph else None
 
     def _bind(self, context, x, t, y):
         """Set shapes and addresses of the inputs, allocate and bind the output; returns it."""
@@ -256,11 +360,25 @@ class TrtBackend:
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
 
+    def _prepare_graph(self, x, t, y):
+        """For CudaGraphs: a new execution context bound to this batch size's static buffers."""
+        context = self.engine.create_execution_context()
+        out = self._bind(context, x, t, y)
+
+        def run():
+            self._enqueue(context)
+            return out
+        return run
+
     def __call__(self, x, t, y):
         check_profile(self.meta, x.shape[0])
         x, t, y = (v.to(self.device, self.dtypes[n]).contiguous() for n, v in (("x", x), ("t", t), ("y", y)))
-        if self.cuda_graph:
-            return self._replay(x, t, y)
+        if self.graphs is not None:
+            try:
+                return self.graphs(x, t, y).float()
+            except RuntimeError as e:      # e.g. an engine that syncs inside enqueue (weight streaming)
+                print(f"warning: CUDA graph capture of the engine failed ({str(e)[:120]}); running without graphs")
+                self.graphs = None
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)                      # inputs were written on the main stream
         out = self._bind(self.context, x, t, y)
@@ -270,85 +388,57 @@ class TrtBackend:
         main.wait_stream(self.stream)
         return out.float()
 
-    def _capture(self, n):
-        """Record one engine call at batch n: warm up outside the capture (TensorRT initialises lazily on
-        the first enqueue, which must not be recorded), then capture on the side stream."""
-        context = self.engine.create_execution_context()
-        shape = (n, *self.image_shape)
-        sx = torch.zeros(shape, dtype=self.dtypes["x"], device=self.device)
-        st = torch.zeros(n, dtype=self.dtypes["t"], device=self.device)
-        sy = torch.zeros(n, dtype=self.dtypes["y"], device=self.device)
-        sout = self._bind(context, sx, st, sy)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        self._enqueue(context)
-        self.stream.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                self._enqueue(context)
-        except RuntimeError as e:      # e.g. an engine that syncs inside enqueue (weight streaming)
-            print(f"warning: CUDA graph capture of the engine failed ({str(e)[:120]}); running without graphs")
-            self.cuda_graph = False
-            return None
-        self.graphs[n] = (context, sx, st, sy, sout, graph)
-        return self.graphs[n]
-
-    def _replay(self, x, t, y):
-        entry = self.graphs.get(x.shape[0]) or self._capture(x.shape[0])
-        if entry is None:
-            return self(x, t, y)
-        _, sx, st, sy, sout, graph = entry
-        sx.copy_(x)
-        st.copy_(t)
-        sy.copy_(y)
-        graph.replay()
-        return sout.float().clone()     # the next replay overwrites sout; callers may keep this one
-
 
 # ----------------------------------------------------------------------------------------------
-#                                   Choosing and timing a backend
+#                                       Opening a backend
 # ----------------------------------------------------------------------------------------------
 
-def available_backends():
-    """The backends usable on this machine, fastest first."""
-    found = [] if trt_unavailable_reason() else ["trt"]
-    if importlib.util.find_spec("onnxruntime") is not None:
-        found.append("ort")
-    return found + ["torch"]
-
-
-def make_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False, providers=None, meta=None,
-                 use_ema=True):
-    """name 'trt' -> TrtBackend(engine path), 'ort' -> OrtBackend(onnx path), 'torch' -> TorchBackend(ckpt path).
-    ckpt_path, when given, must be the checkpoint the file was exported from; meta: an already checked sidecar."""
+def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
+    """name 'trt' -> TrtBackend(engine path), 'ort' -> OrtBackend(onnx path), 'torch' -> TorchBackend(ckpt path,
+    EMA weights). ckpt_path, when given, must be the checkpoint the file was exported from (its sidecar is
+    checked). The backend's .meta (sidecar or checkpoint) holds the configs and class names."""
     if name == "trt":
-        return TrtBackend(path, cuda_graph=cuda_graph, ckpt_path=ckpt_path, meta=meta)
+        return TrtBackend(path, cuda_graph=cuda_graph, ckpt_path=ckpt_path)
     if name == "ort":
-        return OrtBackend(path, providers=providers, ckpt_path=ckpt_path, meta=meta)
+        return OrtBackend(path, ckpt_path=ckpt_path)
     if name == "torch":
-        model, _, _, _ = model_from_checkpoint(path, device, use_ema=use_ema)
-        return TorchBackend(model)
+        model, _, _, ckpt = model_from_checkpoint(path, device)
+        return TorchBackend(model, meta=ckpt)
     raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
 
 
-class Timed:
-    """Wrap a model call and accumulate its wall time (synchronising CUDA, so the time is the GPU's too)."""
+# ----------------------------------------------------------------------------------------------
+#                           The batch loop of the sampling scripts
+# ----------------------------------------------------------------------------------------------
+# sample.py, infer_trt.py and tools/evaluate.py draw images the same way, so a seed gives the same
+# digits from any of them and on any backend: labels first, then all starting noise up front from
+# one CPU generator, then diffusion.sample over batches.
 
-    def __init__(self, fn, device):
-        self.fn, self.cuda = fn, torch.device(device).type == "cuda"
-        self.calls, self.seconds = 0, 0.0
+def choose_labels(args, class_names, generator):
+    """--labels text, or --num-samples labels in cycle (0, 1, 2, ...) or random order -> class indices."""
+    if args.labels is not None:
+        return parse_labels(args.labels, class_names)
+    n, k = args.num_samples or DEFAULT_NUM_SAMPLES, len(class_names)
+    if args.label_order == "cycle":
+        return [i % k for i in range(n)]
+    return torch.randint(k, (n,), generator=generator).tolist()
 
-    def __call__(self, x, t, y):
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = self.fn(x, t, y)
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
-        return out
 
-    @property
-    def ms_per_call(self):
-        return 1000 * self.seconds / max(self.calls, 1)
+def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sampler, steps, cfg_scale,
+                 eta=0.0, thresholding=False, batch_size=64, device="cpu"):
+    """Images (N, C, H, W) in [-1, 1] on the CPU for `labels`, in batches; the starting noise of all N
+    is drawn first from `generator`, so the images do not depend on batch_size or device."""
+    if not 1 <= steps <= diffusion.num_timesteps:
+        raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the timesteps the model "
+                        f"was trained with")
+    shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
+    noise = torch.randn((len(labels), *shape), generator=generator)
+    images = []
+    for i in range(0, len(labels), batch_size):
+        y = torch.tensor(labels[i:i + batch_size])
+        with torch.no_grad():
+            images.append(diffusion.sample(
+                model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                null_class=model_config.null_class, eta=eta, thresholding=thresholding,
+                noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
+    return torch.cat(images)

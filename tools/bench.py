@@ -1,14 +1,14 @@
 """
 How fast each way of running the DiT is, next to the plain PyTorch baseline, measured in one run.
 
-    python bench.py                                   # CPU: DiT-T/4 (GPU rows run by themselves on a GPU)
-    python bench.py --preset DiT-S/4 --batch-sizes 8,64 --json bench.json
-    python bench.py --ckpt runs/cpu-t4/ckpt.pt --ddpm measure
-    python bench.py --quick                           # seconds, a tiny model: checks the script, not speed
+    python tools/bench.py                             # CPU: DiT-T/4 (GPU rows run by themselves on a GPU)
+    python tools/bench.py --preset DiT-S/4 --batch-sizes 8,64 --json bench.json
+    python tools/bench.py --ckpt runs/cpu-t4/ckpt.pt --ddpm measure
+    python tools/bench.py --quick                     # seconds, a tiny model: checks the script, not speed
 
 What is timed, per backend (a way of running the same weights, see speedups.py):
   sampling  one network evaluation at each --batch-sizes (evaluations/s); 64 digits with the default
-            sampler (sample.py's: DDIM 25 steps, guidance 2, so 128-image network batches) and with
+            sampler (sample.py's, with guidance, so 128-image network batches) and with
             DDPM-1000; how far each backend's digits are from the baseline's (same noise);
   training  one optimiser step at batch 128: images/s, peak memory (GPU: also the largest batch).
 The baseline row is eager fp32 PyTorch: no fusion, no compile, no graphs, as the official DiT code runs.
@@ -17,35 +17,26 @@ number is the median of the repeats with their spread [min-max]: a busy machine 
 so the ratios hold better than the absolute times. The floor is the counted FLOPs per evaluation
 divided by the peak FLOP/s of a large matmul measured in the same run.
 """
+import contextlib
+import copy
+import json
 import os
+import sys
+import tempfile
+import time
 
-# OpenMP threads that spin at barriers while another job holds the core made eager PyTorch 10x slower
-# on our shared 2-core machine (1680 vs 178 ms per DiT-T/4 batch-64 call, measured): sleep instead. Must
-# be set before torch loads OpenMP; every row runs under it; the report prints it. (Only when run as a
-# script: importing bench.py changes no environment.)
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch
 
-import argparse  # noqa: E402  (after the OpenMP setting on purpose)
-import contextlib  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 import speedups  # noqa: E402
-from backends import OrtBackend, TrtBackend  # noqa: E402
-from common import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, UserError, atomic_write,  # noqa: E402
-                    config_dict, model_from_checkpoint, pick_device, run_cli)
+from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, ArgumentParser, UserError, atomic_write,  # noqa: E402
+                 config_dict, pick_device, run_cli)
 from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
+from export import export_onnx  # noqa: E402
+from runtime import OrtBackend, TrtBackend, model_from_checkpoint  # noqa: E402
 
-SEED_RECIPE_STEPS = 30_000
+LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
 # an eighth of the range (bf16 rounding moves a stroke edge by a fraction of a pixel, not a digit's shape).
 SAME_DIGITS_MEAN_LEVELS, SAME_DIGITS_MAX_LEVELS = 1.0, 32.0
@@ -70,7 +61,7 @@ def sampling_backends(device, low, onnx_path, trt_engine, ckpt):
     else:
         rows["tf32"] = (speedups.tf32_fn, "tf32")
         rows[lp] = (lambda m: speedups.low_precision_fn(m, low), lp)
-        rows[f"cudagraph-{lp}"] = (lambda m: speedups.CudaGraphFn(m, low), lp)
+        rows[f"cudagraph-{lp}"] = (lambda m: speedups.cuda_graph_fn(m, low), lp)
         rows[f"compile-{lp}-graphs"] = (lambda m: speedups.compiled_fn(m, low, mode="reduce-overhead"), lp)
         if trt_engine:
             rows["trt-fp16-graphs"] = (lambda m: TrtBackend(trt_engine, cuda_graph=True, ckpt_path=ckpt), "fp16")
@@ -81,39 +72,27 @@ def training_backends(device, low):
     """name -> (factory(model) -> (model call, optimizer), precision, changes numerics?)."""
     lp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
     adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
-    fused = lambda m: speedups.make_adamw(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
     rows = {"eager": (lambda m: (m, adamw(m)), "fp32", False),
-            "fused-adamw": (lambda m: (m, fused(m)), "fp32", False),
-            "compile+fused": (lambda m: (speedups.training_fn(m), fused(m)), "fp32", False)}
+            "compile": (lambda m: (speedups.training_fn(m), adamw(m)), "fp32", False)}
     if lp:
-        rows[f"amp-{lp}"] = (lambda m: (speedups.training_fn(m, compile=False, amp_dtype=low), fused(m)), lp, True)
-        rows[f"compile+amp-{lp}"] = (lambda m: (speedups.training_fn(m, amp_dtype=low), fused(m)), lp, True)
+        rows[f"amp-{lp}"] = (lambda m: (speedups.training_fn(m, compile=False, amp_dtype=low), adamw(m)), lp, True)
+        rows[f"compile+amp-{lp}"] = (lambda m: (speedups.training_fn(m, amp_dtype=low), adamw(m)), lp, True)
     return rows
 
 
 def ort_fn(path):
-    """backends.OrtBackend on the CPU, its session reopened with speedups.ort_session_options (threads and
-    spinning as the torch rows; OrtBackend itself takes no session options)."""
-    import onnxruntime
-    backend = OrtBackend(path, providers=["CPUExecutionProvider"], meta={"source": "bench.py export"})
-    backend.session = onnxruntime.InferenceSession(path, sess_options=speedups.ort_session_options(),
-                                                   providers=["CPUExecutionProvider"])
-    return backend
+    """runtime.OrtBackend on the CPU with speedups.ort_session_options (threads and spinning as the torch rows)."""
+    return OrtBackend(path, providers=["CPUExecutionProvider"], meta={"source": "bench.py export"},
+                      session_options=speedups.ort_session_options())
 
 
-def export_onnx(model, folder):
-    """fp32 ONNX of the model with a dynamic batch (opset 20, torch.export-based; notes/tensorrt_onnx.md 3)."""
-    path = os.path.join(folder, "bench.onnx")
-    c = model.config
+def export_fp32_onnx(model, folder):
+    """fp32 ONNX of the model with a dynamic batch, as export.py writes model.onnx (opset 20)."""
+    path, c = os.path.join(folder, "bench.onnx"), model.config
     example = (torch.randn(2, c.in_channels, c.image_size, c.image_size), torch.zeros(2, dtype=torch.long),
                torch.zeros(2, dtype=torch.long))
-    batch = torch.export.Dim("batch", min=1)
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), example, path, input_names=["x", "t", "y"], output_names=["out"],
-                          dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
-                          opset_version=20, dynamo=True, verbose=False)
+    with contextlib.redirect_stdout(None):
+        export_onnx(model.eval(), path, example, opset=20)
     return path
 
 
@@ -267,7 +246,7 @@ def report(r):
              f"{', '.join(m['cpu_bf16']) if isinstance(m['cpu_bf16'], list) else m['cpu_bf16']}, GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
              + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}; 1-min load average {m['load_average_start']:.1f} at "
-             f"start, {m['load_average_end']:.1f} at end (above the core count: other jobs shared the cores)",
+             f"start, {m['load_average_end']:.1f} at end (above the core count: other processes shared the cores)",
              f"- model: {mo['name']}, {mo['parameters'] / 1e6:.2f} M parameters, weights: {mo['weights']}",
              f"- FLOPs per image and evaluation, counted (FlopCounterMode: matmuls, conv, attention): "
              f"{mo['flops_forward'] / 1e9:.4g} G forward, {mo['flops_train'] / 1e9:.4g} G forward+backward",
@@ -310,8 +289,8 @@ def report(r):
                          f"{row['peak_memory_bytes'] / 2**20:.0f}", row["largest_batch"] or "-",
                          "no (low precision)" if row["changes_numerics"] else "yes (fp32)"] for row in r["training"]])
         best = max((row for row in r["training"] if not row["changes_numerics"]), key=lambda row: row["images_per_s"])
-        hours = lambda row: SEED_RECIPE_STEPS * row["seconds_per_step"]["median"] / 3600
-        lines += ["", f"{SEED_RECIPE_STEPS} steps at batch {a['train_batch']} (the seed recipe's length) for "
+        hours = lambda row: LESSON_STEPS * row["seconds_per_step"]["median"] / 3600
+        lines += ["", f"{LESSON_STEPS} steps at batch {a['train_batch']} (the lesson's training length) for "
                   f"{mo['name']} on this {r['device']}, from the median step time: eager {hours(base):.2f} h, "
                   f"{best['backend']} {hours(best):.2f} h (data loading, EMA and sample grids not included)."]
     lines += [""] + [f"- {note}" for note in r["notes"]]
@@ -323,7 +302,7 @@ def report(r):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
+    p = ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
     a = p.add_argument
     a("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
     a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
@@ -412,7 +391,7 @@ def main(argv=None):
         if args.onnx:
             return args.onnx
         start = time.perf_counter()
-        path = export_onnx(copy.deepcopy(m).cpu(), tmp.name)
+        path = export_fp32_onnx(copy.deepcopy(m).cpu(), tmp.name)
         notes.append(f"ort: fp32 ONNX exported in {time.perf_counter() - start:.1f} s (opset 20, dynamic batch)")
         return path
 
@@ -425,7 +404,7 @@ def main(argv=None):
         notes.append("trt row not run: pass --trt-engine ENGINE (python export.py --ckpt CKPT builds it)")
     train_available = training_backends(device, low)
     train_names = pick_rows(train_available, args.train_backends, "--train-backends",
-                            ["eager", "fused-adamw"] if args.quick else train_available)
+                            ["eager"] if args.quick else train_available)
 
     info = speedups.machine_info(device)
     peak_n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
@@ -460,7 +439,7 @@ def main(argv=None):
     info["load_average_end"] = os.getloadavg()[0]
     nfe_images = args.digits * (2 if args.cfg_scale != 1 else 1)
     result = {
-        "command": " ".join(["python bench.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python tools/bench.py", *(sys.argv[1:] if argv is None else argv)]),
         "device": str(device), "machine": info, "num_timesteps": diffusion.num_timesteps, "args": vars(args),
         "peak_flops": peaks, "notes": notes,
         "model": {"name": preset, "config": config_dict(model.config), "parameters": count_parameters(model),

@@ -1,7 +1,9 @@
 """
-Ways to run the readable DiT faster, as wrappers around it: the network in dit.py stays the one
-source of truth, and every speed-up here is a flag around it (a cast copy, autocast, torch.compile,
-a CUDA-graph capture), never a hand-fused second model.
+Ways to run the readable DiT faster, as wrappers around it, for bench.py to measure: the network in
+dit.py stays the one source of truth, and every speed-up here is a flag around it (a cast copy,
+autocast, torch.compile, a CUDA-graph capture), never a hand-fused second model. The ones the main
+path uses live there: the low-precision copy and CUDA graphs in runtime.py, the compiled training
+step in train.py.
 
 Every inference wrapper returns a model call
 
@@ -9,12 +11,11 @@ Every inference wrapper returns a model call
 
 that diffusion.sample accepts like the model itself, so the sampling math stays in diffusion.py.
 bench.py measures each against the baseline `eager_fn` (plain fp32 PyTorch, the way the official
-DiT code runs); the README's performance section says which one wins where.
+DiT code runs); docs/results.md says which one wins where.
 
-Read top to bottom:  the machine -> inference wrappers -> CUDA graphs -> training -> FLOPs and peak.
+Read top to bottom:  the machine -> inference wrappers -> training -> FLOPs and peak -> measuring.
 """
 import contextlib
-import copy
 import ctypes
 import importlib.metadata
 import os
@@ -25,6 +26,8 @@ import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from runtime import CudaGraphs, LowPrecision, TorchBackend
 
 LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -89,23 +92,9 @@ def tf32_fn(model):
     return fn
 
 
-def low_precision_copy(model, dtype):
-    """A copy of the model with weights (and the position-embedding buffer) in dtype, for inference.
-
-    Casting once beats autocast, which re-casts every weight on every call. dit.py keeps the numerically
-    fragile parts in fp32 whatever the weights' dtype (sin/cos of t, LayerNorm statistics).
-    """
-    return copy.deepcopy(model).eval().to(dtype)
-
-
 def low_precision_fn(model, dtype):
-    """Eager forward of a dtype copy: float32 images in, float32 prediction out (sampler math stays fp32)."""
-    low = low_precision_copy(model, dtype)
-
-    @torch.no_grad()
-    def fn(x, t, y):
-        return low(x.to(dtype), t, y).float()
-    return fn
+    """Eager forward of a dtype copy of the weights (runtime.LowPrecision): fp32 in and out."""
+    return TorchBackend(model, dtype)
 
 
 def autocast_fn(model, dtype):
@@ -132,7 +121,7 @@ def compiled_fn(model, dtype=None, mode=None, freezing=None):
     """
     import torch._inductor.config as inductor_config
     model.eval()
-    net = model if dtype in (None, torch.float32) else low_precision_copy(model, dtype)
+    net = model if dtype in (None, torch.float32) else LowPrecision(model, dtype).model
     if freezing is None:
         freezing = next(net.parameters()).device.type == "cpu"
     compiled = torch.compile(net, mode=mode, dynamic=False)
@@ -162,58 +151,12 @@ def ort_session_options(threads=None):
     return options
 
 
-# ----------------------------------------------------------------------------------------------
-#                                          CUDA graphs
-# ----------------------------------------------------------------------------------------------
-
-class CudaGraphFn:
-    """The denoiser call recorded once per batch size as a CUDA graph and replayed: one launch per
-    network evaluation instead of ~15 kernel launches per block, which is what limits a small DiT
-    at small batch on a GPU.
-
-    A graph reads and writes fixed addresses, so each batch size gets static input buffers: a call
-    copies x, t, y into them, replays, and returns a clone of the static output (the next replay
-    overwrites it). Weights are a dtype copy of the model (dtype=None: fp32).
-    """
-
-    def __init__(self, model, dtype=torch.float16, warmup=3):
-        self.net = model.eval() if dtype in (None, torch.float32) else low_precision_copy(model, dtype)
-        self.dtype = next(self.net.parameters()).dtype
-        if next(self.net.parameters()).device.type != "cuda":
-            raise ValueError("CudaGraphFn needs a model on a CUDA device")
-        self.warmup = warmup
-        self.graphs = {}                     # input shapes -> (graph, static x, t, y, static out)
-
-    def _forward(self, x, t, y):
-        return self.net(x.to(self.dtype), t, y).float()
-
-    @torch.no_grad()
-    def _capture(self, x, t, y):
-        static = (x.clone(), t.clone(), y.clone())
-        # Warm up on a side stream so one-time work (cuBLAS handles, kernel selection, lazy allocs)
-        # happens before, not inside, the capture.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._forward(*static)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self._forward(*static)
-        return graph, static, out
-
-    @torch.no_grad()
-    def __call__(self, x, t, y):
-        key = (tuple(x.shape), tuple(t.shape), tuple(y.shape))
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(x, t, y)
-        graph, (sx, st, sy), out = self.graphs[key]
-        sx.copy_(x)
-        st.copy_(t)
-        sy.copy_(y)
-        graph.replay()
-        return out.clone()
+def cuda_graph_fn(model, dtype=torch.float16):
+    """The model call (of a dtype copy) recorded as a CUDA graph per batch size and replayed (runtime.CudaGraphs)."""
+    if next(model.parameters()).device.type != "cuda":
+        raise ValueError("cuda_graph_fn needs a model on a CUDA device")
+    net = TorchBackend(model, dtype).net
+    return CudaGraphs(lambda x, t, y: (lambda: net(x, t, y).float()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,16 +182,6 @@ def training_fn(model, compile=True, amp_dtype=None):
         with torch.autocast(device_type, dtype=amp_dtype):
             return net(x, t, y)
     return fn
-
-
-def make_adamw(params, lr, **kwargs):
-    """AdamW with the single fused kernel where this torch has it for the device (CPU since torch 2.4,
-    CUDA since 2.0): the same update rule, one pass over the weights instead of a dozen."""
-    params = list(params)
-    try:
-        return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,3 +317,10 @@ def machine_info(device):
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
             "versions": versions, "load_average_start": os.getloadavg()[0]}
+
+
+def machine_line(device):
+    """machine_info in words, for the reports of evaluate.py."""
+    m = machine_info(torch.device(device))
+    return (f"{m['cores']}-core CPU ({m['cpu']}), {m['gpu'] or 'no GPU'}, torch {m['versions']['torch']}, "
+            f"threads: {m['torch_threads']}")

@@ -3,7 +3,7 @@ The project's yardstick for MNIST samples: a small classifier it trains itself, 
 distance in that classifier's features ("FD (MNIST-CNN)", never FID). evaluate.py is the command
 line around it; the metrics are defined in its docstring.
 
-    python evaluate.py train-classifier      # MnistCNN, 5 epochs, -> assets/mnist_cnn.pt (99.33 % test)
+    python tools/evaluate.py train-classifier      # MnistCNN, 5 epochs -> tools/mnist_cnn.pt
 """
 import os
 import sys
@@ -14,12 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write
+from cli import UserError, atomic_write
 from data import load_dataset, to_model_range
 
-CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "mnist_cnn.pt")
+CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")
 CLASSIFIER_FORMAT = "mnist-cnn"
-DEFAULT_DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "mnist")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,12 +55,12 @@ def load_classifier(path=CLASSIFIER_PATH):
     if path in _classifier_cache:
         return _classifier_cache[path]
     if not os.path.isfile(path):
-        raise UserError(f"classifier weights {path} do not exist; run `python evaluate.py train-classifier`")
+        raise UserError(f"classifier weights {path} do not exist; run `python tools/evaluate.py train-classifier`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable classifier file ({type(e).__name__}); "
-                        f"rerun `python evaluate.py train-classifier`") from None
+                        f"rerun `python tools/evaluate.py train-classifier`") from None
     if not isinstance(blob, dict) or blob.get("format") != CLASSIFIER_FORMAT:
         raise UserError(f"{path} is not an MNIST classifier written by evaluate.py train-classifier")
     model = MnistCNN()
@@ -123,7 +122,7 @@ def train_classifier(args):
     blob = {"format": CLASSIFIER_FORMAT, "version": 1,
             "model": {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
             "test_accuracy": acc, "seed": args.seed, "epochs": args.epochs,
-            "command": "python evaluate.py " + " ".join(sys.argv[1:]),
+            "command": "python tools/evaluate.py " + " ".join(sys.argv[1:]),
             "torch_version": str(torch.__version__)}
     atomic_write(args.out, lambda f: torch.save(blob, f))
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB), test accuracy {acc:.4%}")
@@ -160,7 +159,7 @@ _reference_cache = {}   # in memory only: (data_dir, classifier) -> test statist
 
 def reference_statistics(data_dir, classifier_path=CLASSIFIER_PATH):
     """Feature mean and covariance of the 10,000 MNIST test digits (the reference of every FD)."""
-    key = ("test", os.path.abspath(data_dir), classifier_path)
+    key = ("test", data_dir and os.path.abspath(data_dir), classifier_path)
     if key not in _reference_cache:
         test = load_dataset("mnist", data_dir=data_dir, split="test")
         _reference_cache[key] = feature_statistics(classify(load_classifier(classifier_path)[0], test.images)[1])
@@ -170,9 +169,9 @@ def reference_statistics(data_dir, classifier_path=CLASSIFIER_PATH):
 def real_floor(counts, data_dir, classifier_path=CLASSIFIER_PATH, seed=0):
     """FD of real TRAINING digits, counts[c] of class c drawn with a fixed seed, against the test digits:
     the best score a sampler can reach with that many samples (FD's small-N bias included)."""
-    key = ("floor", os.path.abspath(data_dir), classifier_path, tuple(counts), seed)
+    key = ("floor", data_dir and os.path.abspath(data_dir), classifier_path, tuple(counts), seed)
     if key not in _reference_cache:
-        train_key = ("train", os.path.abspath(data_dir))
+        train_key = ("train", data_dir and os.path.abspath(data_dir))
         if train_key not in _reference_cache:
             _reference_cache[train_key] = load_dataset("mnist", data_dir=data_dir, split="train")
         train = _reference_cache[train_key]
@@ -189,7 +188,7 @@ def real_floor(counts, data_dir, classifier_path=CLASSIFIER_PATH, seed=0):
     return _reference_cache[key]
 
 
-def score_images(images, labels, data_dir=DEFAULT_DATA_DIR, classifier_path=CLASSIFIER_PATH):
+def score_images(images, labels, data_dir=None, classifier_path=CLASSIFIER_PATH):
     """uint8 digits (N, 1, 32, 32) drawn for labels (N,) -> dict of accuracy, per-class accuracy, FD and floor."""
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, 32, 32):
         raise UserError(f"images must be uint8 (N, 1, 32, 32) MNIST-like digits, got {images.dtype} "

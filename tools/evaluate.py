@@ -2,11 +2,13 @@
 Measure sample quality with the project's own yardstick: a small MNIST classifier scores generated
 digits by conditional accuracy and by the Frechet distance of its features to the real test digits.
 
-    python evaluate.py train-classifier                        # 5 epochs -> assets/mnist_cnn.pt
-    python evaluate.py score --ckpt runs/x/ckpt.pt              # sample.py's default setting, 1,000 per class
-    python evaluate.py score --ckpt runs/x/ckpt.pt --sampler ddim --steps 25 --cfg-scale 2
-    python evaluate.py score --npz samples.npz                  # images uint8 (N,1,32,32), labels (N,)
-    python evaluate.py table --ckpt runs/x/ckpt.pt --out-md table.md --out-json table.json
+    python tools/evaluate.py train-classifier                  # 5 epochs -> tools/mnist_cnn.pt
+    python tools/evaluate.py score --ckpt runs/x/ckpt.pt        # sample.py's default setting, 1,000 per class
+    python tools/evaluate.py score --ckpt runs/x/ckpt.pt --sampler ddim --steps 25 --cfg-scale 2
+    python tools/evaluate.py score --npz samples.npz            # images uint8 (N,1,32,32), labels (N,)
+    python tools/evaluate.py table --ckpt runs/x/ckpt.pt --out-md table.md --out-json table.json
+
+MNIST comes from --data-dir (a folder with the official IDX files) or data.py's download cache.
 
 Metrics (fixed seeds and counts, so runs compare):
   accuracy       share of samples the classifier assigns to the label they were drawn for (per class too);
@@ -18,20 +20,20 @@ Metrics (fixed seeds and counts, so runs compare):
                  upward for small N, so a score is only read against the floor of the same N.
 The classifier and the FD code live in mnist_cnn.py; this file draws the samples and makes the tables.
 """
-import os
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall when cores are shared
-import argparse
 import json
+import os
+import sys
 import time
 
 import numpy as np
 import torch
 
-from common import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, UserError, atomic_write, draw_samples,
-                    model_from_checkpoint, pick_device, run_cli)
-from data import from_model_range
-from diffusion import SAMPLERS
-from mnist_cnn import CLASSIFIER_PATH, DEFAULT_DATA_DIR, score_images, train_classifier
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
+from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
+                 atomic_write, pick_device, positive_int, run_cli, to_uint8)
+from mnist_cnn import CLASSIFIER_PATH, score_images, train_classifier  # noqa: E402
+from runtime import draw_samples, model_from_checkpoint, open_backend  # noqa: E402
+from speedups import machine_line  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,8 +55,7 @@ def load_generator(args):
     else:   # ONNX Runtime: the exported network behind the same model_fn signature
         if not args.onnx:
             raise UserError("--backend ort needs --onnx MODEL.onnx (exported from this checkpoint by export.py)")
-        import backends
-        model_fn = backends.make_backend("ort", args.onnx, ckpt_path=args.ckpt, device=device)
+        model_fn = open_backend("ort", args.onnx, ckpt_path=args.ckpt)
     return model_fn, diffusion, cfg, device
 
 
@@ -69,11 +70,9 @@ def parse_setting(text):
 
 
 def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale, per_class, seed, batch_size,
-                     data_dir=DEFAULT_DATA_DIR, classifier_path=CLASSIFIER_PATH):
+                     data_dir=None, classifier_path=CLASSIFIER_PATH):
     """Draw per_class digits of each class with one sampler setting, time it, score it -> (result dict, images, labels)."""
-    if not 1 <= steps <= diffusion.num_timesteps:
-        raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the model's timesteps")
-    # sample.py's labels (0, 1, ..., 9, 0, ...) and common.draw_samples (all starting noise drawn up front from
+    # sample.py's labels (0, 1, ..., 9, 0, ...) and runtime.draw_samples (all starting noise drawn up front from
     # one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
     labels = torch.arange(10 * per_class) % 10
     n = min(batch_size, len(labels)) * (1 if cfg_scale == 1.0 else 2)
@@ -83,7 +82,7 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
     images = draw_samples(model_fn, diffusion, cfg, labels.tolist(), torch.Generator().manual_seed(seed),
                           sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - start
-    images = from_model_range(images)                   # quantised to uint8 like a saved PNG
+    images = to_uint8(images)                           # quantised to uint8 like a saved PNG
     result = score_images(images, labels, data_dir, classifier_path)
     result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
                   batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
@@ -105,7 +104,7 @@ def load_npz(path):
     elif images.dim() == 4 and images.shape[-1] == 1:
         images = images.permute(0, 3, 1, 2)              # (N, H, W, 1) -> (N, 1, H, W)
     if images.is_floating_point():
-        images = from_model_range(images)
+        images = to_uint8(images)
     return images.contiguous(), torch.from_numpy(np.asarray(labels)).long()
 
 
@@ -127,19 +126,6 @@ def describe(r):
 # ----------------------------------------------------------------------------------------------
 
 DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
-
-
-def machine():
-    """What the timings ran on, in words."""
-    import platform
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU ({cpu}), {gpu}, torch {torch.__version__}, threads: {torch.get_num_threads()}"
 
 
 def pick_recommended(rows, margin_fd, margin_acc):
@@ -171,7 +157,7 @@ def run_table(args):
     """CFG sweep at one setting, then every sampler setting at CFG 1 and at the best scale; print markdown."""
     gen = load_generator(args)
     settings = [parse_setting(s) for s in args.rows.split(",")]
-    report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine(), "backend": args.backend, "seed": args.seed,
+    report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine_line(gen[3]), "backend": args.backend, "seed": args.seed,
               "batch_size": args.batch_size, "sweep": [], "rows": []}
     done = []   # with --resume: the results of an earlier, interrupted run of the same table, reused below
     if args.resume and args.out_json and os.path.isfile(args.out_json):
@@ -235,23 +221,23 @@ def run_score(args):
                                                   args.seed, args.batch_size, args.data_dir, args.classifier)
         if args.save_npz:
             atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=images.numpy(), labels=labels.numpy()))
-        result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine())
+        result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine_line(gen[3]))
     print(describe(result))
     if args.out_json:
         atomic_write(args.out_json, lambda f: json.dump(result, f, indent=1), binary=False)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
+def main(argv=None):
+    parser = ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-classifier", help="train the MNIST CNN that scores samples")
-    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR)
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--max-shift", type=int, default=2, help="random shifts of +-N pixels (augmentation)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=CLASSIFIER_PATH)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p.add_argument("--out", default=CLASSIFIER_PATH, help="where the weights go")
     for name in ("score", "table"):
         p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
                            "grid of sampler settings x CFG scales as a markdown table")
@@ -259,32 +245,31 @@ def main():
         src.add_argument("--ckpt", required=name == "table", help="checkpoint written by train.py")
         if name == "score":
             src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
-            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="default: sample.py's")
-            p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG)
-            p.add_argument("--per-class", type=int, default=1000, help="samples per class (1000: headline)")
+            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
+            p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
+            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+            p.add_argument("--per-class", type=positive_int, default=1000, help="samples per class (1000: headline)")
             p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
         else:
-            p.add_argument("--per-class", type=int, default=100, help="samples per class unless a row says :N")
-            p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],... (default %(default)s)")
+            p.add_argument("--per-class", type=positive_int, default=100, help="samples per class unless a row says :N")
+            p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],...")
             p.add_argument("--cfg-scales", default="1.5,2,3,4", help="CFG scales tried besides 1")
             p.add_argument("--sweep-at", default="ddim-25", help="setting at which CFG scales are compared")
             p.add_argument("--margin-fd", type=float, default=0.10, help="relative FD/floor margin of the choice")
             p.add_argument("--margin-acc", type=float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
-            p.add_argument("--out-md")
+            p.add_argument("--out-md", help="also write the table here")
             p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
                            "interrupted run (same ckpt, backend, seed, batch size)")
-        p.add_argument("--out-json")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--batch-size", type=int, default=500)
-        p.add_argument("--backend", choices=("torch", "ort"), default="torch")
+        p.add_argument("--out-json", help="also write the results here as JSON")
+        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+        p.add_argument("--batch-size", type=positive_int, default=500, help="images per network batch")
+        p.add_argument("--backend", choices=("torch", "ort"), default="torch", help="run the network on this")
         p.add_argument("--onnx", help="ONNX file exported from --ckpt, for --backend ort")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: CUDA when available)")
-        p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder with the MNIST IDX files")
-        p.add_argument("--classifier", default=CLASSIFIER_PATH)
-        p.add_argument("--threads", type=int, default=None,
-                       help="torch CPU threads (default: torch's; 1 is faster on a CPU other jobs share)")
-    args = parser.parse_args()
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (None: CUDA when available)")
+        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+        p.add_argument("--classifier", default=CLASSIFIER_PATH, help="the scoring classifier's weights")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
+    args = parser.parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     {"train-classifier": train_classifier, "score": run_score, "table": run_table}[args.command](args)
