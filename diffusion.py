@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+TIMESTEP_DRAWS = ("uniform", "logit-normal")
 
 
 @dataclass
@@ -38,6 +39,7 @@ class DiffusionConfig:
     schedule: str = "linear"      # "linear" (DDPM: 1e-4 -> 0.02, the lesson's) or "cosine" (IDDPM)
     prediction: str = "eps"       # what the network outputs: "eps", "x0" or "v"
     vlb_weight: float = 1e-3      # lambda of IDDPM's L_hybrid = L_simple + lambda * L_vlb
+    timesteps: str = "uniform"    # how training draws t: "uniform" (DDPM) or "logit-normal" (more of the middle)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,6 +123,8 @@ class GaussianDiffusion:
     def __init__(self, config: DiffusionConfig, betas=None):
         if config.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {config.prediction!r}; expected one of {PREDICTIONS}")
+        if config.timesteps not in TIMESTEP_DRAWS:
+            raise ValueError(f"unknown timestep draw {config.timesteps!r}; expected one of {TIMESTEP_DRAWS}")
         self.config = config
         if betas is None:
             if config.schedule == "linear":
@@ -200,12 +204,20 @@ class GaussianDiffusion:
 
     # ---------------------------------------------------------------- training loss
 
+    def draw_timesteps(self, n, generator=None, device="cpu"):
+        """Training timesteps: uniform over [0, T) (DDPM), or logit-normal (Esser et al. 2024, Sec. 3.1):
+        t/T = sigmoid(u), u ~ N(0, 1), which spends more of training in the middle of the process."""
+        if self.config.timesteps == "uniform":
+            return torch.randint(self.num_timesteps, (n,), generator=generator, device=device)
+        u = torch.randn(n, generator=generator, device=device)
+        return (torch.sigmoid(u) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)
+
     def training_loss(self, model_fn, x0, y, t=None, noise=None):
         """L_simple (DDPM Eq. 14): MSE between the network's output and its target (eps, x0 or v) at a
-        uniformly drawn t; plus, with learned sigma, lambda * L_vlb (IDDPM Sec. 3.1, the hybrid loss).
+        drawn t; plus, with learned sigma, lambda * L_vlb (IDDPM Sec. 3.1, the hybrid loss).
         Returns a dict of per-batch scalar losses, "loss" being the one to minimise."""
         if t is None:
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+            t = self.draw_timesteps(x0.shape[0], device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise)

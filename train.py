@@ -36,7 +36,7 @@ import torch.distributed as dist
 import data
 from cli import (ArgumentParser, Progress, UserError, config_dict, fraction, load_checkpoint, nonnegative_float,
                  nonnegative_int, pick_device, positive_float, positive_int, run_cli, save_checkpoint, save_grid)
-from diffusion import PREDICTIONS, DiffusionConfig, GaussianDiffusion
+from diffusion import PREDICTIONS, TIMESTEP_DRAWS, DiffusionConfig, GaussianDiffusion
 from dit import DiT, PRESETS, count_parameters
 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
@@ -69,6 +69,7 @@ def build_parser():
     a("--prediction", default="x0", choices=PREDICTIONS, help="what the network predicts (x0: see docstring)")
     a("--schedule", default="linear", choices=("linear", "cosine"), help="noise schedule (DDPM / IDDPM)")
     a("--num-timesteps", type=positive_int, default=1000, help="T, the diffusion's number of steps")
+    a("--timesteps", default="uniform", choices=TIMESTEP_DRAWS, help="how training draws t (diffusion.py)")
     a("--learn-sigma", action="store_true", help="also learn the variance (IDDPM hybrid loss)")
     a("--label-dropout", type=fraction, default=0.1, help="share of labels replaced by the null class (for CFG)")
     a("--ema-decay", type=fraction, default=0.999, help="decay of the weights' moving average used for sampling")
@@ -278,7 +279,8 @@ def make_configs(args, ds):
                                      learn_sigma=args.learn_sigma)
     except ValueError as e:
         raise UserError(f"{e}; change --image-size, --patch-size, --hidden-size or --num-heads") from None
-    return config, DiffusionConfig(num_timesteps=args.num_timesteps, schedule=args.schedule, prediction=args.prediction)
+    return config, DiffusionConfig(num_timesteps=args.num_timesteps, schedule=args.schedule, prediction=args.prediction,
+                                   timesteps=args.timesteps)
 
 
 def build(args, config, rank, device):
@@ -308,7 +310,7 @@ def wrap(model, args, world, device):
 def original_flags(saved):
     """The flags that decide the model and diffusion configs, as the checkpoint's run gave them."""
     names = ("model", *SIZE_FLAGS, "dataset", "image_size", "channels", "prediction", "schedule", "num_timesteps",
-             "label_dropout")
+             "timesteps", "label_dropout")
     flags = [f"--{k.replace('_', '-')} {saved[k]}" for k in names if saved.get(k) is not None]
     return " ".join(flags + ["--learn-sigma"] * bool(saved.get("learn_sigma")))
 
@@ -327,7 +329,8 @@ def resume(args, ckpt_path, state, configs, rank, device, say):
     missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
-    for (what, mine), theirs in zip(configs.items(), (ckpt["model_config"], ckpt["diffusion_config"])):
+    defaults = config_dict(DiffusionConfig())     # fields newer than the checkpoint take their defaults
+    for (what, mine), theirs in zip(configs.items(), (ckpt["model_config"], {**defaults, **ckpt["diffusion_config"]})):
         diff = [f"{k}: checkpoint {theirs.get(k)!r}, flags {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if diff:
             raise UserError(f"{path} was trained with another {what} config ({'; '.join(diff)}); resume with "
@@ -394,7 +397,7 @@ def train(args, rank, world, device):
         while step < args.steps:
             # the global batch, drawn identically on every rank; this rank keeps rows rank::world
             idx = torch.randint(len(images), (B,), generator=data_gen, device=device)[local]
-            t = torch.randint(diffusion.num_timesteps, (B,), generator=data_gen, device=device)[local]
+            t = diffusion.draw_timesteps(B, data_gen, device)[local]
             noise = torch.randn((B, *images.shape[1:]), generator=data_gen, device=device)[local]
             x0, y = data.to_model_range(images[idx]), labels[idx]
             lr = learning_rate(args, step)
