@@ -1,22 +1,29 @@
 """
-What every script shares on the command line and on disk: the one-line error for bad input, the
-sampling flags, and files written so that a crash never leaves half of one (atomic writes,
-checkpoints, PNG grids).
+What every script shares on the command line and on disk: the one-line error for bad input, flag
+checks, a progress line, a clean stop on SIGINT/SIGTERM, the sampling flags, and files written so that
+no crash, full disk or second run loses or mixes up work (atomic writes, a lock on the run folder,
+checksummed checkpoints).
 
 PyTorch is imported inside the few functions that need it, not at the top, so that a script can
-parse its flags with this module before it loads torch.
+parse its flags with this module before it loads torch (which takes seconds).
 """
 import argparse
+import contextlib
+import csv
 import dataclasses
+import errno
+import fcntl
+import glob
+import hashlib
 import math
 import os
+import re
+import signal
+import socket
 import sys
 import tempfile
 import time
 import warnings
-
-import numpy as np
-from PIL import Image
 
 
 class UserError(Exception):
@@ -79,15 +86,17 @@ class Progress:
         self.total, self.what, self.start, self.time_limit, self.every = total, what, start, time_limit, every
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
-        self.t0, self.last, self.shown = time.monotonic(), -float("inf"), False
+        self.t0, self.last, self.first = time.monotonic(), -float("inf"), None
 
     def update(self, done, note="", force=False):
         now = time.monotonic()
         if not force and now - self.last < (0.5 if self.tty else self.every):
             return
-        elapsed, self.last, self.shown = now - self.t0, now, True
-        fraction, rate = done / self.total, (done - self.start) / max(elapsed, 1e-9)
-        left = (self.total - done) / rate if rate > 0 else float("inf")
+        elapsed, self.last = now - self.t0, now
+        # The rate counts from the first update: the first unit of work may include one-time set-up.
+        self.first = self.first or (now, done)
+        rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
+        fraction, left = done / self.total, (self.total - done) / rate if rate > 0 else float("inf")
         if self.time_limit is not None:
             fraction, left = max(fraction, elapsed / self.time_limit), min(left, max(self.time_limit - elapsed, 0))
         line = (f"{self.what}{done}/{self.total} ({min(fraction, 1):.0%}){note} | {duration(elapsed)} elapsed, "
@@ -95,26 +104,55 @@ class Progress:
         print("\r" + line + "\x1b[K" if self.tty else line, end="" if self.tty else "\n", file=self.file, flush=True)
 
     def close(self):
-        if self.tty and self.shown:
+        if self.tty and self.first:
             print(file=self.file)
 
 
+class StopFlag:
+    """SIGINT/SIGTERM set .signum: a long loop finishes its step, saves and exits. A second signal kills."""
+
+    def __init__(self):
+        self.signum, self.previous = None, {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def restore(self):
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
 def pick_device(name=None):
-    """--device value -> torch.device; default: CUDA when available, else CPU."""
+    """--device value (cpu, cuda, cuda:N) -> torch.device; default: CUDA when available, else CPU."""
     import torch
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise UserError(f"unknown or unsupported --device {name!r}; use cpu, cuda or cuda:N")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was requested but no CUDA GPU is available; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from None
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device(name)
 
 
 # ----------------------------------------------------------------------------------------------
 #                                  Files that survive a crash
 # ----------------------------------------------------------------------------------------------
+
+class DiskFull(UserError):
+    """No space left where a file was being written; the file itself was left as it was."""
+
+
+def disk_full(error):
+    """Whether an exception, or one it was raised from, is 'no space left' (torch wraps it in a RuntimeError)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
 
 def atomic_write(path, write_fn, binary=True):
     """Write a file so a crash at any moment leaves either the old file or the complete new one:
@@ -136,10 +174,56 @@ def atomic_write(path, write_fn, binary=True):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if disk_full(e):
+            raise DiskFull(f"no space left on the disk of {folder} while writing {os.path.basename(path)} "
+                           f"(left unchanged); free some space") from None
         raise
+
+
+def remove_stale_temp_files(path):
+    """Delete the temp files a killed atomic_write of `path` left behind (the caller holds the folder's lock)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a run writes to it (OUT/.lock, fcntl.flock).
+
+    The kernel drops the lock when its process ends, however it ends, so a killed run leaves no stale lock:
+    the next run takes it over. The file names the holder (pid, host, start time) for the error message."""
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{folder} is in use by {holder}; wait for that run to end, stop it, or pass another "
+                            f"--out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self):
+        if not self.file.closed:
+            self.file.close()                # closing the file drops the lock
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def check_writable(path):
@@ -165,12 +249,45 @@ def file_sha256(path, chunk=1 << 20):
     return h.hexdigest()
 
 
+CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
+
+
+class RunLog:
+    """log.csv and, when tensorboard is installed, TensorBoard scalars in OUT/tb. A resumed run keeps the
+    rows up to its checkpoint's step (a killed run may have logged further) and goes on from there."""
+
+    def __init__(self, path, step):
+        rows, self.tb = [], None
+        if step and os.path.exists(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= step]
+        self.file = open(path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, CSV_FIELDS)
+        self.csv.writeheader()
+        self.csv.writerows(rows)
+        with contextlib.suppress(ImportError):
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=step)
+
+    def write(self, step, loss, lr, images_per_s, wall):
+        self.csv.writerow(dict(zip(CSV_FIELDS, (step, f"{loss:.6g}", f"{lr:.6g}", f"{images_per_s:.1f}", f"{wall:.1f}"))))
+        self.file.flush()
+        for name, value in (("loss", loss), ("lr", lr)) if self.tb else ():
+            self.tb.add_scalar(name, value, step)
+
+    def close(self):
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
 # ----------------------------------------------------------------------------------------------
 #                                         Checkpoints
 # ----------------------------------------------------------------------------------------------
 # A checkpoint is one torch.save'd dict of tensors and plain Python values, loadable with
 # weights_only=True (no pickled code can run), that holds everything needed to rebuild the model:
 #   format, version       what this file is, so a foreign .pt is refused with a clear message
+#   sha256                a checksum of all the rest (content_sha256), so a damaged file is refused
 #   model_config          DiTConfig as a dict
 #   diffusion_config      DiffusionConfig as a dict
 #   model, ema            state dicts (ema = the exponential moving average used for sampling)
@@ -179,7 +296,7 @@ def file_sha256(path, chunk=1 << 20):
 # runtime.model_from_checkpoint turns one back into a DiT.
 
 CHECKPOINT_FORMAT = "dit-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2          # 2 added the checksum; version 1 files still load, unchecked
 
 
 def config_dict(config):
@@ -187,10 +304,35 @@ def config_dict(config):
     return dataclasses.asdict(config)
 
 
-def save_checkpoint(path, state):
-    """Save a checkpoint dict atomically, stamped with the format and version."""
+def content_sha256(value, h=None):
+    """SHA-256 of a checkpoint's content: every tensor's dtype, shape and bytes, every other value's repr,
+    dict keys in sorted order. A flipped byte anywhere in the weights changes it."""
     import torch
+    h = h or hashlib.sha256()
+    if isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            h.update(repr(key).encode())
+            content_sha256(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__}{len(value)}".encode())
+        for item in value:
+            content_sha256(item, h)
+    elif isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    else:
+        h.update(repr(value).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, state):
+    """Save a checkpoint dict atomically, stamped with the format, the version and the content's checksum.
+    Temp files of earlier, killed saves to the same path are removed first."""
+    import torch
+    remove_stale_temp_files(path)
     state = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **state}
+    state["sha256"] = content_sha256(state)
     atomic_write(path, lambda f: torch.save(state, f))
 
 
@@ -214,79 +356,16 @@ def load_checkpoint(path, map_location="cpu"):
                         f"use the ckpt.pt written by train.py") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a DiT checkpoint of this project; pass the ckpt.pt written by train.py")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
+    if ckpt.get("version") not in (1, CHECKPOINT_VERSION):
         raise UserError(f"{path} has checkpoint format version {ckpt.get('version')}, this code reads "
-                        f"version {CHECKPOINT_VERSION}; retrain or use the matching code version")
+                        f"versions 1-{CHECKPOINT_VERSION}; retrain or use the matching code version")
+    if ckpt["version"] >= 2 and ckpt.pop("sha256", None) != content_sha256(ckpt):
+        raise UserError(f"{path} is damaged: its content does not match its checksum (a changed or flipped byte); "
+                        f"use an intact copy or an earlier checkpoint")
     missing = [k for k in ("model_config", "diffusion_config", "model") if k not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}; it is incomplete, use another checkpoint")
     return ckpt
-
-
-# ----------------------------------------------------------------------------------------------
-#                                    Image grids and labels
-# ----------------------------------------------------------------------------------------------
-
-def to_uint8(images):
-    """Float images in [-1, 1] -> uint8 [0, 255], same shape; samples overshoot a little, so clamp first."""
-    return ((images.detach().float() + 1) * 127.5).clamp(0, 255).round().byte()
-
-
-def image_grid(images, nrow=8, padding=2):
-    """Tile (N, C, H, W) images in [-1, 1] into one PIL image, nrow images per row, black padding."""
-    x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()                # (N, H, W, C)
-    n, h, w, c = x.shape
-    ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
-    grid = np.zeros((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, ncol)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = x[k]
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
-def save_grid(images, path, nrow=8):
-    """Write images as a PNG grid atomically; an unwritable path is a one-line UserError."""
-    grid = image_grid(images, nrow)
-    atomic_write(path, lambda f: grid.save(f, format="PNG"))
-
-
-def write_label_table(labels, class_names, png_path, nrow):
-    """The label names beside the grid (grid.png -> grid.txt), one line per grid row, like the lesson's
-    prompt table. Returns the .txt path."""
-    names = [class_names[i] for i in labels]
-    table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
-    txt_path = os.path.splitext(png_path)[0] + ".txt"
-    atomic_write(txt_path, lambda f: f.write(table), binary=False)
-    return txt_path
-
-
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def parse_labels(text, class_names):
-    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class indices, class names (case-insensitive) and, for
-    digit datasets, English number words; separators are spaces and commas."""
-    lookup = {name.lower(): i for i, name in enumerate(class_names)}
-    if len(class_names) <= len(DIGIT_WORDS):
-        lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
-    labels = []
-    for token in text.replace(",", " ").split():
-        word = token.lower()
-        if word.lstrip("-").isdigit():
-            i = int(word)
-            if not 0 <= i < len(class_names):
-                raise UserError(f"label {token} is out of range: this model has classes 0-{len(class_names) - 1}")
-        elif word in lookup:
-            i = lookup[word]
-        else:
-            raise UserError(f"unknown label {token!r}: use a class number 0-{len(class_names) - 1} or a name "
-                            f"such as {', '.join(repr(n) for n in list(lookup)[:3])}")
-        labels.append(i)
-    if not labels:
-        raise UserError("no labels given; pass e.g. --labels '7 seven 3'")
-    return labels
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +379,7 @@ DEFAULT_SAMPLER = "dpm++2m"     # 5 steps at CFG 1.25, 10 network evaluations pe
 DEFAULT_STEPS = 5               # DDIM-25/50 at a fraction of the cost; stronger guidance raises accuracy
 DEFAULT_CFG = 1.25              # but worsens FD
 DEFAULT_NUM_SAMPLES = 64
+DEFAULT_BATCH_SIZE = 64         # images per network batch; export.py tunes the engine for twice it (guidance)
 
 
 def add_sampling_args(parser, default_out):
@@ -316,7 +396,7 @@ def add_sampling_args(parser, default_out):
     a("--eta", type=nonnegative_float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     a("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen; the lesson's sampler used it)")
     a("--seed", type=int, default=0, help="seed of the starting noise (and of random labels)")
-    a("--batch-size", type=positive_int, default=64, help="images per network batch (CFG doubles it)")
+    a("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="images per network batch (CFG doubles it)")
     a("--nrow", type=positive_int, default=8, help="images per grid row")
     a("--out", default=default_out, help="PNG grid to write; the label names go beside it as .txt")
     a("--device", default=None, help="cpu, cuda, cuda:N for PyTorch (None: cuda if available)")

@@ -1,9 +1,11 @@
-"""Every dataset the project trains on, loaded whole into memory as one uint8 tensor (N, C, H, W)."""
+"""Every dataset the project trains on, loaded whole into memory as one uint8 tensor (N, C, H, W); and the
+way back: class names to labels, images to PNG grids."""
 import gzip
 import hashlib
 import io
 import os
 import pickle
+import re
 import tarfile
 import urllib.request
 import zlib
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError
+from cli import UserError, atomic_write
 
 
 class DataError(UserError):
@@ -372,7 +374,73 @@ def load_dataset(name: str, data_dir: str | None = None, split: str = "train", i
 
 
 def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion forward process assumes for x_0
-    (cli.to_uint8 is the way back)."""
+    """uint8 [0, 255] -> float32 [-1, 1], the range the diffusion forward process assumes for x_0."""
     return images_uint8.float() / 127.5 - 1
+
+
+#################################################################################
+#              Labels and pictures: class names, images -> PNG grids            #
+#################################################################################
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 [0, 255], same shape (to_model_range's inverse); samples overshoot
+    a little, so clamp first."""
+    return ((images.detach().float() + 1) * 127.5).clamp(0, 255).round().byte()
+
+
+def image_grid(images, nrow=8, padding=2):
+    """Tile (N, C, H, W) images in [-1, 1] into one PIL image, nrow images per row, black padding."""
+    x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()                # (N, H, W, C)
+    n, h, w, c = x.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = np.zeros((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = x[k]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_grid(images, path, nrow=8):
+    """Write images as a PNG grid atomically; an unwritable path is a one-line UserError."""
+    grid = image_grid(images, nrow)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+
+
+def write_label_table(labels, class_names, png_path, nrow):
+    """The label names beside the grid (grid.png -> grid.txt), one line per grid row, like the lesson's
+    prompt table. Returns the .txt path."""
+    names = [class_names[i] for i in labels]
+    table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
+    txt_path = os.path.splitext(png_path)[0] + ".txt"
+    atomic_write(txt_path, lambda f: f.write(table), binary=False)
+    return txt_path
+
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def parse_labels(text, class_names):
+    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class indices, class names (case-insensitive) and, for
+    digit datasets, English number words; separators are spaces and commas."""
+    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    if len(class_names) <= len(DIGIT_WORDS):
+        lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
+    labels = []
+    for token in text.replace(",", " ").split():
+        word = token.lower()
+        if re.fullmatch(r"[+-]?\d+", word):
+            i = int(word)
+            if not 0 <= i < len(class_names):
+                raise UserError(f"label {token} is out of range: this model has classes 0-{len(class_names) - 1}")
+        elif word in lookup:
+            i = lookup[word]
+        else:
+            raise UserError(f"unknown label {token!r}: use a class number 0-{len(class_names) - 1} or a name "
+                            f"such as {', '.join(repr(n) for n in list(lookup)[:3])}")
+        labels.append(i)
+    if not labels:
+        raise UserError("no labels given; pass e.g. --labels '7 seven 3'")
+    return labels
 

@@ -22,22 +22,57 @@ import contextlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 
-import torch
-import torch.nn as nn
-
-from cli import (ArgumentParser, UserError, atomic_write, check_writable, config_dict, file_sha256, run_cli,
-                 to_uint8)
-from runtime import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
-                     model_from_checkpoint, trt_logger, trt_unavailable_reason, write_sidecar)
+from cli import (DEFAULT_BATCH_SIZE, ArgumentParser, UserError, atomic_write, check_writable, config_dict, file_sha256,
+                 nonnegative_int, positive_int, run_cli)
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
-FP16_RTOL = 1e-2        # max|ONNX fp16 - PyTorch fp32| / max|PyTorch fp32|
+FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
 FP16_MAX = 65504.0      # largest finite fp16
+FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
 OPSETS = (20, 21, 22, 23)
+EXPERIMENTAL_OPSET = 23  # emits ONNX Attention nodes, which TensorRT's ONNX importer has handled only recently
+
+
+# ----------------------------------------------------------------------------------------------
+#                                           Flags
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv):
+    p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
+    a = p.add_argument
+    a("--ckpt", required=True, help="checkpoint written by train.py")
+    a("--out-dir", default=None, help="folder for the files (None: the checkpoint's folder)")
+    a("--weights", choices=("ema", "model"), default="ema", help="the EMA or the raw trained weights")
+    a("--opset", type=int, default=20, choices=OPSETS, help=f"ONNX opset; {EXPERIMENTAL_OPSET} is experimental "
+      "(ONNX Attention nodes, new in TensorRT's importer)")
+    a("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="the sampling batch the engine is "
+      "tuned for (sample.py's and infer_trt.py's default); the profile's opt is 2x: guidance doubles it")
+    a("--max-batch", type=positive_int, default=256, help="largest engine batch (at least 2x --batch-size)")
+    a("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
+    a("--workspace-gb", type=positive_int, default=4, help="TensorRT builder workspace limit")
+    a("--verify-steps", type=positive_int, default=10, help="DDIM steps of the fixed-seed comparison")
+    a("--seed", type=nonnegative_int, default=0, help="seed of the check inputs")
+    args = p.parse_args(argv)
+    if 2 * args.batch_size > args.max_batch:
+        raise UserError(f"--max-batch {args.max_batch} must be at least 2 x --batch-size = {2 * args.batch_size} "
+                        f"(classifier-free guidance runs a doubled batch)")
+    return args
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import torch  # noqa: E402  (imported after the flags on purpose)
+import torch.nn as nn  # noqa: E402
+
+from data import to_uint8  # noqa: E402
+from runtime import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,  # noqa: E402
+                     model_from_checkpoint, trt_logger, trt_unavailable_reason, write_sidecar)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,7 +125,8 @@ def fp32_islands(path):
 
 def errors(ref, out):
     """max-abs, relative (max|d| / max|ref|) and relative L2 (||d|| / ||ref||) error of out against ref."""
-    d = (out.double() - ref.double())
+    out, ref = out.double().cpu(), ref.double().cpu()
+    d = out - ref
     scale, norm = ref.abs().max().item(), ref.double().norm().item()
     return {"max_abs": d.abs().max().item(), "rel": d.abs().max().item() / max(scale, 1e-12),
             "rel_l2": d.norm().item() / max(norm, 1e-12), "ref_max": scale}
@@ -127,7 +163,7 @@ def check_tolerance(rows, precision, name):
 
 def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
     """A short deterministic DDIM run (eta 0): the same seed gives the same noise on every backend."""
-    labels = torch.arange(num) % config.num_classes
+    labels = (torch.arange(num) + seed) % config.num_classes
     g = torch.Generator().manual_seed(seed)
     shape = (num, config.in_channels, config.image_size, config.image_size)
     return diffusion.sample(fn, shape, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
@@ -137,6 +173,29 @@ def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, devi
 def pixel_difference(a, b):
     """Largest difference of two image batches in [-1, 1], in 0-255 pixel units (float and uint8)."""
     return {"float": (a - b).abs().max().item() * 127.5, "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
+
+
+def fp16_headroom(model, diffusion, config, steps, seed):
+    """How far the model's activations stay below fp16's maximum: per-block peaks over the fixed-seed DDIM run
+    (two batches of 8, with guidance: real x_t from t = T-1 to 0) and over random inputs at five timesteps
+    (two batches each). Fails the export when the largest comes within FP16_MARGIN of 65504."""
+    fn, T = TorchBackend(model), diffusion.num_timesteps
+    with activation_peaks(model) as peaks:
+        for batch in range(2):
+            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, 2.0)
+            g = torch.Generator().manual_seed(seed + batch)
+            for t in (0, T // 4, T // 2, 3 * T // 4, T - 1):
+                x, _, y = random_inputs(config, T, 8, g)
+                fn(x, torch.full_like(y, t), y)
+    peak = max(max(v) for v in peaks.values())
+    print("  activation peaks (max |residual stream| / max |Linear output|) per block: "
+          + "; ".join(f"{i}: {a:.1f}/{b:.1f}" for i, (a, b) in peaks.items()))
+    print(f"  largest activation {peak:.1f}: {FP16_MAX / max(peak, 1e-9):.0f}x below the fp16 maximum 65504 "
+          f"(the export requires {FP16_MARGIN}x)")
+    if not peak < FP16_MAX / FP16_MARGIN:
+        raise UserError(f"activations reach {peak:.0f}, within {FP16_MARGIN}x of fp16's maximum 65504: the fp16 graph "
+                        f"and engine could overflow; this checkpoint cannot be exported in fp16")
+    return peak
 
 
 @contextlib.contextmanager
@@ -212,24 +271,9 @@ def print_parity(name, rows):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py")
-    p.add_argument("--out-dir", default=None, help="folder for the files (default: the checkpoint's folder)")
-    p.add_argument("--weights", choices=("ema", "model"), default="ema", help="EMA (default) or raw weights")
-    p.add_argument("--opset", type=int, default=20, help=f"ONNX opset, one of {OPSETS} (23 fuses attention)")
-    p.add_argument("--batch-size", type=int, default=16, help="sampling batch the engine is tuned for "
-                   "(profile opt = 2x: guidance doubles the batch)")
-    p.add_argument("--max-batch", type=int, default=256, help="largest engine batch (cover 2x --batch-size)")
-    p.add_argument("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
-    p.add_argument("--workspace-gb", type=int, default=4, help="TensorRT builder workspace limit")
-    p.add_argument("--verify-steps", type=int, default=10, help="DDIM steps of the fixed-seed comparison")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.opset not in OPSETS:
-        raise UserError(f"--opset {args.opset} is not supported; use one of {OPSETS} (the exporter needs >= 20)")
-    if not 1 <= 2 * args.batch_size <= args.max_batch:
-        raise UserError(f"--max-batch {args.max_batch} must be at least 2 x --batch-size = {2 * args.batch_size} "
-                        f"(classifier-free guidance runs a doubled batch)")
+    args = parse_args(argv)
+    if args.opset == EXPERIMENTAL_OPSET:
+        print(f"note: opset {args.opset} is experimental: its ONNX Attention nodes are new to TensorRT's importer")
     out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
 
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu", use_ema=args.weights == "ema")
@@ -257,6 +301,14 @@ def main(argv=None):
     try:
         example = random_inputs(config, diffusion.num_timesteps, 2, torch.Generator().manual_seed(args.seed))
         torch_fn = TorchBackend(model)
+        # fp16 arithmetic, op by op with fp16 results (an overflow shows as inf): PyTorch's fp16 model on this
+        # machine's device. ONNX Runtime's CPU provider cannot show it: it computes fp16 nodes in fp32.
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        fp16_fn = TorchBackend(LowPrecision(model, torch.float16).to(device))
+        fp16_rows = parity(torch_fn, fp16_fn, config, diffusion.num_timesteps, seed=args.seed)
+        print_parity(f"torch fp16 ({device}) vs fp32", fp16_rows)
+        check_tolerance(fp16_rows, "fp16", f"the fp16 model on {device}")
+        peak = fp16_headroom(model, diffusion, config, args.verify_steps, args.seed)
         results = {}
         for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
             path, start = os.path.join(tmp, name), time.time()
@@ -281,25 +333,19 @@ def main(argv=None):
             results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows}
 
         # The same fixed-seed DDIM run through PyTorch and both ONNX graphs: what a user would see.
-        with activation_peaks(model) as peaks:
-            reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0)
+        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0)
         for name, r in results.items():
             images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, 2.0)
             r["ddim"] = pixel_difference(reference, images)
             print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: {name} vs PyTorch largest "
                   f"pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
-        peak = max(max(v) for v in peaks.values())
-        print("  activation peaks in that run (max |residual stream| / max |Linear output|), per block: "
-              + "; ".join(f"{i}: {a:.1f}/{b:.1f}" for i, (a, b) in peaks.items()))
-        print(f"  largest activation {peak:.1f}: {FP16_MAX / max(peak, 1e-9):.0f}x below the fp16 maximum 65504"
-              + ("" if peak < FP16_MAX / 16 else "  WARNING: close to fp16 overflow, keep the residual stream in fp32"))
 
         for name, r in results.items():
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
             write_sidecar(os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
-                           "activation_peak": peak}})
+                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows}, "activation_peak": peak}})
             print(f"wrote {os.path.join(out_dir, name)} (+ .json)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -318,7 +364,9 @@ def main(argv=None):
     engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": "model_fp16.onnx",
                    "versions": {**meta["versions"], "tensorrt": version},
                    "gpu": {"name": current_gpu_name(), "capability": list(torch.cuda.get_device_capability(0))},
-                   "profile": dict(zip(("min", "opt", "max"), batches)), "builder_optimization_level": args.opt_level}
+                   "profile": {**dict(zip(("min", "opt", "max"), batches)),
+                               "opt_is": f"2 x --batch-size {args.batch_size}: guidance doubles the sampling batch"},
+                   "builder_optimization_level": args.opt_level}
 
     # The engine against the PyTorch model on the same GPU, before its sidecar makes it usable.
     model = model.cuda()

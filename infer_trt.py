@@ -15,17 +15,13 @@ Backend (default: the fastest available): trt (TensorRT + CUDA GPU), else ort, e
 file for the chosen backend is looked up next to the others: model_fp16.engine, model.onnx.
 """
 import os
+import sys
 import time
 
-import torch
-
-from cli import (ArgumentParser, UserError, add_sampling_args, check_sampling_args, pick_device, run_cli, save_grid,
-                 to_uint8, write_label_table)
-from diffusion import GaussianDiffusion
-from runtime import (BACKENDS, TorchBackend, check_sidecar, choose_labels, configs_from_checkpoint, draw_samples,
-                     model_from_checkpoint, open_backend, trt_unavailable_reason)
+from cli import ArgumentParser, UserError, add_sampling_args, check_sampling_args, pick_device, run_cli
 
 ENGINE_NAME, ONNX_NAME = "model_fp16.engine", "model.onnx"
+BACKENDS = ("trt", "ort", "torch")      # fastest first; spelled out so flags parse before torch loads
 
 
 def build_parser():
@@ -39,6 +35,23 @@ def build_parser():
     a("--compare", action="store_true", help="also run PyTorch from the same noise; print pixel difference and ms/step")
     add_sampling_args(p, default_out="samples_infer.png")    # the flags and defaults of sample.py
     return p
+
+
+def parse_args(argv):
+    args = build_parser().parse_args(argv)
+    check_sampling_args(args)
+    return args
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import torch  # noqa: E402  (imported after the flags on purpose)
+
+from data import save_grid, to_uint8, write_label_table  # noqa: E402
+from diffusion import GaussianDiffusion  # noqa: E402
+from runtime import (TorchBackend, check_sidecar, choose_labels, configs_from_checkpoint, draw_samples,  # noqa: E402
+                     model_from_checkpoint, open_backend, trt_unavailable_reason)
 
 
 def choose_backend(args):
@@ -114,8 +127,7 @@ def run_sampler(fn, diffusion, model_config, class_names, args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    check_sampling_args(args)
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend, path = choose_backend(args)

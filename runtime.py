@@ -29,11 +29,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import DEFAULT_NUM_SAMPLES, UserError, atomic_write, file_sha256, load_checkpoint, parse_labels
+from cli import DEFAULT_NUM_SAMPLES, Progress, UserError, atomic_write, file_sha256, load_checkpoint
+from data import parse_labels
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
 
-BACKENDS = ("trt", "ort", "torch")      # fastest first: infer_trt.py's default is the first one usable
 IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t, y; output out
 
 
@@ -404,7 +404,7 @@ def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
     if name == "torch":
         model, _, _, ckpt = model_from_checkpoint(path, device)
         return TorchBackend(model, meta=ckpt)
-    raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    raise UserError(f"unknown backend {name!r}; choose trt, ort or torch")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,12 +433,18 @@ def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sample
                         f"was trained with")
     shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
     noise = torch.randn((len(labels), *shape), generator=generator)
+    progress = Progress(len(labels), "images ") if len(labels) > batch_size else None   # more than one batch
     images = []
     for i in range(0, len(labels), batch_size):
+        if progress:
+            progress.update(i)
         y = torch.tensor(labels[i:i + batch_size])
         with torch.no_grad():
             images.append(diffusion.sample(
                 model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
                 null_class=model_config.null_class, eta=eta, thresholding=thresholding,
                 noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
+    if progress:
+        progress.update(len(labels), force=True)
+        progress.close()
     return torch.cat(images)

@@ -10,24 +10,30 @@ Sampling uses the EMA weights unless --no-ema. Noise for all images is drawn up 
 CPU generator seeded with --seed, so a seed gives the same images whatever --batch-size or device
 (exactly so for the deterministic samplers: ddim with eta 0, dpm++2m).
 """
-import torch
+import sys
 
-from cli import ArgumentParser, add_sampling_args, check_sampling_args, pick_device, run_cli, save_grid, write_label_table
-from runtime import TorchBackend, choose_labels, draw_samples, model_from_checkpoint
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from cli import ArgumentParser, add_sampling_args, check_sampling_args, pick_device, run_cli
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
     p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (RUN/ckpt.pt)")
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
     add_sampling_args(p, default_out="samples.png")
     args = p.parse_args(argv)
     check_sampling_args(args)
     return args
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import torch  # noqa: E402  (imported after the flags on purpose)
+
+from data import save_grid, write_label_table  # noqa: E402
+from runtime import TorchBackend, choose_labels, draw_samples, model_from_checkpoint  # noqa: E402
 
 
 def main(argv=None):
@@ -38,7 +44,8 @@ def main(argv=None):
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, device, use_ema=not args.no_ema)
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, class_names, generator)
-    images = draw_samples(TorchBackend(model, PRECISIONS[args.precision]), diffusion, model.config, labels, generator,
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    images = draw_samples(TorchBackend(model, dtype), diffusion, model.config, labels, generator,
                           sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
                           thresholding=args.thresholding, batch_size=args.batch_size, device=device)
     save_grid(images, args.out, nrow=args.nrow)

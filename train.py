@@ -8,11 +8,8 @@ Train a class-conditional DiT on MNIST (or any dataset of data.py) in pixel spac
     torchrun --nproc_per_node=2 train.py ...         # DistributedDataParallel, --batch-size is global
 
 Read top to bottom: flags -> DDP plumbing -> pieces of the loop -> set-up and resume -> train(), whose
-loop is { draw batch, loss, step, EMA, log, sample grid, checkpoint } -> main.
-
-The defaults and why are the README's recipe table (measurements: docs/results.md). In short:
-x0-prediction, because on a CPU budget the lesson's eps-prediction draws no digits (plain eps-MSE gives
-almost no gradient for the label-dependent shape at high noise); AdamW 1e-3 after a 200-step warm-up.
+loop is { draw batch, loss, step, EMA, log, sample grid, checkpoint } -> main. The defaults and why:
+the README's recipe table (measurements: docs/results.md).
 
 Randomness: each step draws the image indices, timesteps and noise of the whole GLOBAL batch from one
 torch.Generator seeded with --seed (identical on every DDP rank), and rank r keeps rows r::world, so the
@@ -21,8 +18,8 @@ global RNG, seeded with seed + rank. Every RNG state is checkpointed: a resume i
 """
 import contextlib
 import copy
-import csv
 import dataclasses
+import datetime
 import math
 import os
 import re
@@ -30,21 +27,20 @@ import signal
 import sys
 import time
 
-import torch
-import torch.distributed as dist
-
-import data
-from cli import (ArgumentParser, Progress, UserError, config_dict, fraction, load_checkpoint, nonnegative_float,
-                 nonnegative_int, pick_device, positive_float, positive_int, run_cli, save_checkpoint, save_grid)
-from diffusion import PREDICTIONS, TIMESTEP_DRAWS, DiffusionConfig, GaussianDiffusion
-from dit import DiT, PRESETS, count_parameters
+from cli import (ArgumentParser, DiskFull, Progress, RunLock, RunLog, StopFlag, UserError, config_dict, disk_full,
+                 fraction, load_checkpoint, nonnegative_float, nonnegative_int, pick_device, positive_float,
+                 positive_int, run_cli, save_checkpoint)
 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
 CPU_MODEL = "DiT-T/4"        # 1.9M parameters: learns MNIST on a laptop CPU in half an hour
+GPU_STEPS, CPU_MINUTES = 30_000, 30   # the default budgets: the lesson's T4 run; half an hour on a CPU
 LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
+# The choices of diffusion.py and data.py, spelled out so that flags parse before torch loads (a test
+# keeps them equal).
+PREDICTIONS, TIMESTEP_DRAWS = ("eps", "x0", "v"), ("uniform", "logit-normal")
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
 GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
-CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,15 +50,17 @@ CSV_FIELDS = ["step", "loss", "lr", "images_per_s", "wall_time_s"]
 def build_parser():
     p = ArgumentParser(description="Train a class-conditional DiT (see the module docstring).")
     a = p.add_argument
-    a("--model", default=None, help=f"one of {', '.join(PRESETS)} (None: {GPU_MODEL} on a GPU, {CPU_MODEL} on CPU)")
+    a("--model", default=None, help=f"a preset of dit.py: DiT-{{S,B,L,XL}}/{{2,4,8}} or DiT-T/4 (None: {GPU_MODEL} "
+      f"on a GPU, {CPU_MODEL} on a CPU)")
     for name, what in zip(SIZE_FLAGS, ("width D", "number of DiT blocks", "attention heads", "patch size p")):
         a(f"--{name.replace('_', '-')}", type=positive_int, default=None, help=f"override the preset's {what}")
-    a("--dataset", default="mnist", choices=data.DATASETS, help="what to train on (data.py)")
+    a("--dataset", default="mnist", choices=DATASETS, help="what to train on (data.py)")
     a("--data-dir", default=None, help="folder with the dataset files (None: data.py's cache, downloading)")
     a("--image-size", type=positive_int, default=32, help="images are padded or resized to this size")
     a("--channels", type=int, default=None, choices=(1, 3), help="None: the dataset's own")
     a("--batch-size", type=positive_int, default=128, help="GLOBAL batch, split evenly over DDP ranks")
-    a("--steps", type=positive_int, default=30_000, help="total optimizer steps (a resumed run counts on)")
+    a("--steps", type=positive_int, default=None, help=f"total optimizer steps, a resumed run counts on (None: "
+      f"{GPU_STEPS:,} on a GPU; on a CPU as many as fit in --max-minutes {CPU_MINUTES})")
     a("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after the warm-up")
     a("--warmup", type=nonnegative_int, default=200, help="linear learning-rate warm-up steps (0 = none)")
     a("--grad-clip", type=nonnegative_float, default=1.0, help="max gradient norm (0 = no clipping)")
@@ -87,7 +85,10 @@ def build_parser():
       help="auto: bf16 on GPUs that have it, fp16 + GradScaler on others (T4), off on CPU")
     a("--compile", action="store_true", help="torch.compile the model for training (faster steps, same math)")
     a("--threads", type=positive_int, default=None, help="CPU threads (None: torch's, one per core)")
-    a("--max-minutes", type=positive_float, default=None, help="stop cleanly after this wall time, with a checkpoint")
+    a("--max-minutes", type=positive_float, default=None, help="stop cleanly after this wall time, with a checkpoint "
+      f"(None: no limit, but {CPU_MINUTES} on a CPU when --steps is not given either)")
+    a("--ddp-timeout", type=positive_float, default=300, help="seconds a DDP process waits for the others before "
+      "it gives up (a stopped or hung process ends the run, resumable from its last checkpoint)")
     return p
 
 
@@ -97,9 +98,18 @@ def parse_args(argv):
     if args.lesson_recipe:                 # the recipe replaces the defaults; explicit flags still win
         parser.set_defaults(**LESSON_RECIPE)
         args = parser.parse_args(argv)
-    if args.model is not None and args.model not in PRESETS:
-        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
     return args
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import torch  # noqa: E402  (imported after the flags on purpose)
+import torch.distributed as dist  # noqa: E402
+
+import data  # noqa: E402
+from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
+from dit import DiT, PRESETS, count_parameters  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,8 +118,9 @@ def parse_args(argv):
 # Deciding together (a signal, a NaN or the time limit must stop every rank at the same step, or DDP
 # hangs), averaging the logged loss, and each rank's RNG state for an exact resume.
 
-def setup_ddp(device_flag):
-    """-> (rank, world, device); under torchrun (WORLD_SIZE > 1) joins the group: nccl on GPUs, gloo on CPU."""
+def setup_ddp(device_flag, timeout_s):
+    """-> (rank, world, device); under torchrun (WORLD_SIZE > 1) joins the group: nccl on GPUs, gloo on CPU.
+    A collective that waits longer than timeout_s for another process fails (TimeoutError below)."""
     world, device = int(os.environ.get("WORLD_SIZE", "1")), pick_device(device_flag)
     if world == 1:
         return 0, 1, device
@@ -117,7 +128,7 @@ def setup_ddp(device_flag):
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world, device
 
 
@@ -192,52 +203,7 @@ def sample_grid(ema, diffusion, config, device, path, cfg_scale):
                               sampler="ddim", steps=min(GRID_STEPS, diffusion.num_timesteps), cfg_scale=cfg_scale,
                               null_class=config.null_class, generator=torch.Generator().manual_seed(GRID_SEED),
                               device=device)
-    save_grid(images, path, nrow=8)
-
-
-class RunLog:
-    """log.csv and, when tensorboard is installed, TensorBoard scalars in OUT/tb. A resumed run keeps the
-    rows up to its checkpoint's step (a killed run may have logged further) and goes on from there."""
-
-    def __init__(self, path, step):
-        rows, self.tb = [], None
-        if step and os.path.exists(path):
-            with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= step]
-        self.file = open(path, "w", newline="")
-        self.csv = csv.DictWriter(self.file, CSV_FIELDS)
-        self.csv.writeheader()
-        self.csv.writerows(rows)
-        with contextlib.suppress(ImportError):
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=step)
-
-    def write(self, step, loss, lr, images_per_s, wall):
-        self.csv.writerow(dict(zip(CSV_FIELDS, (step, f"{loss:.6g}", f"{lr:.6g}", f"{images_per_s:.1f}", f"{wall:.1f}"))))
-        self.file.flush()
-        for name, value in (("loss", loss), ("lr", lr)) if self.tb else ():
-            self.tb.add_scalar(name, value, step)
-
-    def close(self):
-        self.file.close()
-        if self.tb:
-            self.tb.close()
-
-
-class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits. A second signal kills."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-
-    def handle(self, signum, frame):
-        self.signum = signum
-        signal.signal(signum, self.previous[signum])
-
-    def restore(self):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
+    data.save_grid(images, path, nrow=8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,21 +211,29 @@ class StopFlag:
 # ----------------------------------------------------------------------------------------------
 
 def configure(args, world, device, say):
-    """Threads, TF32, the default model for the device; refuse a batch that does not split over the ranks."""
+    """Threads, TF32, and the defaults that depend on the device: the model and the budget (a CPU gets
+    the small model for half an hour, not the GPU's 30k steps, which would take it most of a day)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":                     # TF32 matmuls: free speed where --amp is off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
-    if args.model is None:
-        args.model = GPU_MODEL if device.type == "cuda" else CPU_MODEL
-        if device.type != "cuda":
-            say(f"no CUDA GPU: training the CPU default model {CPU_MODEL} (pass --model to choose)")
+    if args.model is not None and args.model not in PRESETS:
+        raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
+    cpu, chosen = device.type != "cuda", []
+    if cpu and args.model is None:
+        chosen.append(f"the CPU model {CPU_MODEL}")
+    if cpu and args.steps is None and args.max_minutes is None:
+        args.max_minutes, chosen = CPU_MINUTES, chosen + [f"for {CPU_MINUTES} minutes"]
+    if chosen:
+        say(f"no CUDA GPU: training {' '.join(chosen)} (the CPU defaults; --model, --steps and --max-minutes choose)")
+    args.model = args.model or (GPU_MODEL if device.type == "cuda" else CPU_MODEL)
+    args.steps = args.steps or GPU_STEPS
 
 
 def run_folder(args):
-    """Create the run folder (default runs/<model>-<dataset>) -> (folder, ckpt.pt path, log.csv path)."""
+    """Create the run folder (default runs/<model>-<dataset>) -> its path."""
     out = args.out or os.path.join("runs", re.sub(r"[^a-z0-9]+", "-", args.model.lower()) + "-" + args.dataset)
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
@@ -267,7 +241,7 @@ def run_folder(args):
         raise UserError(f"cannot create run folder {out}: {e.strerror}; pass a writable --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"run folder {out} is not writable; pass a writable --out")
-    return out, os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
+    return out
 
 
 def make_configs(args, ds):
@@ -307,24 +281,19 @@ def wrap(model, args, world, device):
     return net
 
 
-def original_flags(saved):
-    """The flags that decide the model and diffusion configs, as the checkpoint's run gave them."""
-    names = ("model", *SIZE_FLAGS, "dataset", "image_size", "channels", "prediction", "schedule", "num_timesteps",
-             "timesteps", "label_dropout")
-    flags = [f"--{k.replace('_', '-')} {saved[k]}" for k in names if saved.get(k) is not None]
-    return " ".join(flags + ["--learn-sigma"] * bool(saved.get("learn_sigma")))
-
-
 def resume(args, ckpt_path, state, configs, rank, device, say):
-    """--resume PATH or auto (OUT/ckpt.pt if it exists): load it into state -> (step, wall time so far, path).
+    """--resume PATH or auto (OUT/ckpt.pt if it exists): load it into state -> (step, wall time so far).
     Its configs must equal the flags' ones: argparse cannot tell a default from a typed flag, so silently
     taking the checkpoint's could ignore one."""
     path = ckpt_path if args.resume == "auto" else args.resume
+    if args.resume is None and os.path.exists(ckpt_path):
+        raise UserError(f"{ckpt_path} exists: this folder holds a run; continue it with --resume auto, or pass "
+                        f"another --out for a new one")
     if args.resume == "auto" and not os.path.exists(ckpt_path):
         say(f"--resume auto: no {ckpt_path} yet, starting a new run")
         path = None
     if not path:
-        return 0, 0.0, None
+        return 0, 0.0
     ckpt = load_checkpoint(path)
     missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
     if missing:
@@ -334,7 +303,7 @@ def resume(args, ckpt_path, state, configs, rank, device, say):
         diff = [f"{k}: checkpoint {theirs.get(k)!r}, flags {v!r}" for k, v in mine.items() if theirs.get(k) != v]
         if diff:
             raise UserError(f"{path} was trained with another {what} config ({'; '.join(diff)}); resume with "
-                            f"the original run's flags: {original_flags(ckpt.get('args', {}))}")
+                            f"the flags of the run that wrote it")
     for name in ("model", "ema", "optimizer"):
         state[name].load_state_dict(ckpt[name])
     if state["scaler"] is not None and ckpt.get("scaler"):
@@ -346,32 +315,30 @@ def resume(args, ckpt_path, state, configs, rank, device, say):
         torch.cuda.set_rng_state(mine["cuda"], device)
     state["data_gen"].set_state(ckpt["rng"]["data"])
     say(f"resumed {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt.get("wall_time_s", 0.0), path
+    return ckpt["step"], ckpt.get("wall_time_s", 0.0)
 
 
 # ----------------------------------------------------------------------------------------------
 #                                         Training
 # ----------------------------------------------------------------------------------------------
 
-def train(args, rank, world, device):
+def train(args, out, rank, world, device):
     t_start, master = time.time(), rank == 0
     say = print if master else (lambda *a, **k: None)
-    configure(args, world, device, say)
-    out, ckpt_path, log_path = run_folder(args)
+    ckpt_path, log_path = os.path.join(out, "ckpt.pt"), os.path.join(out, "log.csv")
     ds = data.load_dataset(args.dataset, args.data_dir, image_size=args.image_size, channels=args.channels)
     images, labels = ds.images.to(device), ds.labels.to(device)   # all of it, uint8: a batch is one indexing
     config, diff_config = make_configs(args, ds)
     diffusion, (amp_dtype, state) = GaussianDiffusion(diff_config), build(args, config, rank, device)
     model, ema, optimizer, scaler, data_gen = (state[k] for k in ("model", "ema", "optimizer", "scaler", "data_gen"))
     configs = {"model": config_dict(config), "diffusion": config_dict(diff_config)}
-    step, wall_before, resumed = resume(args, ckpt_path, state, configs, rank, device, say)
+    step, wall_before = resume(args, ckpt_path, state, configs, rank, device, say)
     if step >= args.steps:
         say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
         return None
     net = wrap(model, args, world, device)
-    say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, "
-        f"{args.dataset} {tuple(images.shape)}, batch {args.batch_size}{f' over {world} processes' if world > 1 else ''}, "
-        f"device {device}, amp {amp_dtype or 'off'} -> {out}")
+    say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, {args.dataset} "
+        f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype} -> {out}")
 
     def save(step_done, wall):
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
@@ -385,7 +352,8 @@ def train(args, rank, world, device):
                 "dataset": args.dataset, "args": vars(args)})
         return step_done
 
-    stop, last_ckpt = StopFlag(), step if resumed else None
+    stop, last_ckpt = StopFlag(), step or None                  # a resumed run starts at its checkpoint
+    last_good = lambda: f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
     log = RunLog(log_path, step) if master else None
     limit = 60 * args.max_minutes - (time.time() - t_start) if args.max_minutes else None
     progress = Progress(args.steps, "step ", start=step, time_limit=limit, file=sys.stdout) if master else None
@@ -415,8 +383,7 @@ def train(args, rank, world, device):
             bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
             bad, stopping = over_ranks([bad, stop.signum is not None or timed_out], "max", world, device)
             if bad:
-                where = f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
-                raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {where}; "
+                raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {last_good()}; "
                                 f"lower --lr or use --amp off")
             losses += [loss_value] if math.isfinite(loss_value) else []
             end, wall, logging = stopping or step == args.steps, wall_before + time.time() - t_start, False
@@ -440,6 +407,11 @@ def train(args, rank, world, device):
             if stopping:
                 break
         # ========================================================================================
+    except Exception as e:
+        if not disk_full(e):
+            raise
+        raise DiskFull(f"no space left on the disk of {out}; last good checkpoint: {last_good()}; free some space, "
+                       f"then --resume auto") from None
     finally:
         stop.restore()
         if master:
@@ -455,14 +427,23 @@ def train(args, rank, world, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    rank, world, device = setup_ddp(args.device)
+    rank, world, device = setup_ddp(args.device, args.ddp_timeout)
     try:
-        signum = train(args, rank, world, device)
-        if world > 1:
-            dist.barrier()                  # no rank tears gloo down while a peer still talks to it
+        configure(args, world, device, print if rank == 0 else (lambda *a, **k: None))
+        out = run_folder(args)
+        with RunLock(out) if rank == 0 else contextlib.nullcontext():
+            signum = train(args, out, rank, world, device)
+            if world > 1:
+                dist.barrier()              # no rank tears gloo down while a peer still talks to it
     except UserError:
         if rank > 0:
             sys.exit(2)                     # rank 0 prints the one-line message
+        raise
+    except RuntimeError as e:                # a collective whose peer stopped answering (timeout) or died
+        if world > 1 and re.search(r"timed out|connection (closed|reset)|broken pipe", str(e), re.IGNORECASE):
+            raise UserError(f"rank {rank}: another DDP process stopped answering for {args.ddp_timeout:g} s "
+                            f"(--ddp-timeout) or died; the run stopped: --resume auto continues it from its last "
+                            f"checkpoint") from None
         raise
     finally:
         if world > 1 and dist.is_initialized():

@@ -53,6 +53,24 @@ class Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
+def resave(state, path):
+    """torch.save a changed checkpoint with a fresh checksum, as a well-meaning tool would."""
+    state = {k: v for k, v in state.items() if k != "sha256"}
+    torch.save({**state, "sha256": cli.content_sha256(state)}, path)
+
+
+def flip_a_weight_byte(good, path):
+    """Copy good with one bit flipped in the middle of its largest tensor's bytes (the zip's CRCs are not checked)."""
+    import zipfile
+    with zipfile.ZipFile(good) as z:
+        entry = max(z.infolist(), key=lambda i: i.file_size)
+    raw = bytearray(open(good, "rb").read())
+    name_len, extra_len = int.from_bytes(raw[entry.header_offset + 26:entry.header_offset + 28], "little"), \
+        int.from_bytes(raw[entry.header_offset + 28:entry.header_offset + 30], "little")
+    raw[entry.header_offset + 30 + name_len + extra_len + entry.file_size // 2] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+
+
 def bad_checkpoints(folder, good):
     """name -> (path, expected words in the message)."""
     raw = open(good, "rb").read()
@@ -72,10 +90,17 @@ def bad_checkpoints(folder, good):
     torch.save({**state, "version": 99}, folder / "future.pt")
     cases["format version"] = (folder / "future.pt", "format version 99")
     bigger = {**state, "model_config": {**state["model_config"], "hidden_size": 32}}
-    torch.save(bigger, folder / "mismatch.pt")
+    resave(bigger, folder / "mismatch.pt")
     cases["weights of another model"] = (folder / "mismatch.pt", "do not match")
-    torch.save({**state, "model_config": {**state["model_config"], "wings": 2}}, folder / "unknown.pt")
+    resave({**state, "model_config": {**state["model_config"], "wings": 2}}, folder / "unknown.pt")
     cases["unknown config field"] = (folder / "unknown.pt", "config this code does not understand")
+    resave({k: v for k, v in state.items() if k != "model_config"}, folder / "no_config.pt")
+    cases["no model config"] = (folder / "no_config.pt", "lacks model_config")
+    flip_a_weight_byte(good, folder / "flipped.pt")
+    cases["one flipped byte in the weights"] = (folder / "flipped.pt", "is damaged: its content does not match")
+    torch.save({**state, "model": {**state["model"], "x_embedder.bias": state["model"]["x_embedder.bias"] + 1}},
+               folder / "edited.pt")
+    cases["weights edited, old checksum"] = (folder / "edited.pt", "is damaged")
     cases["missing file"] = (folder / "nope.pt", "does not exist")
     return cases
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
 import data
 from conftest import HAVE_MNIST, MNIST
 from data import DataError, load_dataset
@@ -231,8 +230,8 @@ def test_model_range_round_trip(mnist_train):
     images = mnist_train.images[:512]
     x = data.to_model_range(images)
     assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
-    assert cli.to_uint8(x).equal(images)                                  # the way back
-    assert cli.to_uint8(torch.tensor([-3.0, 0.0, 7.0])).tolist() == [0, 128, 255]  # clamped, rounded
+    assert data.to_uint8(x).equal(images)                                 # the way back
+    assert data.to_uint8(torch.tensor([-3.0, 0.0, 7.0])).tolist() == [0, 128, 255]  # clamped, rounded
 
 # ---------------------------------------------------------------- Fashion-MNIST from the Debian package
 

@@ -150,7 +150,7 @@ def test_unwritable_out_corrupt_and_mismatched_resume(tmp_path):
 def test_batch_must_split_over_ranks(tmp_path):
     args = train.parse_args([*TINY, "--steps", "2", "--out", str(tmp_path / "run")])
     with pytest.raises(cli.UserError, match="not divisible by the 3 DDP processes"):
-        train.train(args, rank=0, world=3, device=torch.device("cpu"))
+        train.configure(args, world=3, device=torch.device("cpu"), say=print)
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):

@@ -25,12 +25,59 @@ import sys
 import tempfile
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-import speedups  # noqa: E402
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, ArgumentParser, UserError, atomic_write,  # noqa: E402
                  config_dict, pick_device, run_cli)
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
+    a = p.add_argument
+    a("--preset", default=None, help="a preset of dit.py, e.g. DiT-S/4 (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
+    a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
+    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
+    a("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    a("--batch-sizes", default=None, help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
+    a("--backends", default=None, help="comma-separated sampling rows (default: all for the device; eager always)")
+    a("--train-backends", default=None, help="comma-separated training rows, or none (default: all)")
+    a("--repeats", type=int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
+    a("--sample-repeats", type=int, default=None, help="interleaved repeats of the digit sampling (default 3)")
+    a("--warmup", type=int, default=None, help="untimed calls per row before timing (default 2)")
+    a("--target-seconds", type=float, default=None, help="length of one timed run of evaluations (default 0.3)")
+    a("--digits", type=int, default=None, help="digits to sample (default 64)")
+    a("--sampler", default=DEFAULT_SAMPLER)
+    a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
+    a("--cfg-scale", type=float, default=DEFAULT_CFG)
+    a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
+      help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
+    a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
+    a("--train-batch", type=int, default=None, help="training batch (default 128)")
+    a("--onnx", default=None, help="fp32 ONNX of the same weights for the ort row (default: export one)")
+    a("--trt-engine", default=None, help="TensorRT engine from export.py (same --ckpt) for the trt row")
+    a("--json", default=None, help="also write the results here as JSON")
+    a("--quick", action="store_true", help="a tiny model, one batch size, few repeats: seconds, for tests")
+    args = p.parse_args(argv)
+    defaults = dict(repeats=5, sample_repeats=3, warmup=2, target_seconds=0.3, digits=64, steps=DEFAULT_STEPS,
+                    train_batch=128)
+    if args.quick:
+        defaults.update(repeats=2, sample_repeats=1, warmup=1, target_seconds=0.01, digits=8, steps=4, train_batch=8,
+                        batch_sizes="4")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("repeats", "sample_repeats", "digits", "steps", "train_batch"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    return args
+
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import torch  # noqa: E402  (imported after the flags on purpose)
+
+import speedups  # noqa: E402
 from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
 from export import export_onnx  # noqa: E402
@@ -300,47 +347,6 @@ def report(r):
 # ----------------------------------------------------------------------------------------------
 #                                            main
 # ----------------------------------------------------------------------------------------------
-
-def parse_args(argv):
-    p = ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
-    a = p.add_argument
-    a("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
-    a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
-    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
-    a("--batch-sizes", default=None, help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
-    a("--backends", default=None, help="comma-separated sampling rows (default: all for the device; eager always)")
-    a("--train-backends", default=None, help="comma-separated training rows, or none (default: all)")
-    a("--repeats", type=int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
-    a("--sample-repeats", type=int, default=None, help="interleaved repeats of the digit sampling (default 3)")
-    a("--warmup", type=int, default=None, help="untimed calls per row before timing (default 2)")
-    a("--target-seconds", type=float, default=None, help="length of one timed run of evaluations (default 0.3)")
-    a("--digits", type=int, default=None, help="digits to sample (default 64)")
-    a("--sampler", default=DEFAULT_SAMPLER)
-    a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
-    a("--cfg-scale", type=float, default=DEFAULT_CFG)
-    a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
-      help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
-    a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
-    a("--train-batch", type=int, default=None, help="training batch (default 128)")
-    a("--onnx", default=None, help="fp32 ONNX of the same weights for the ort row (default: export one)")
-    a("--trt-engine", default=None, help="TensorRT engine from export.py (same --ckpt) for the trt row")
-    a("--json", default=None, help="also write the results here as JSON")
-    a("--quick", action="store_true", help="a tiny model, one batch size, few repeats: seconds, for tests")
-    args = p.parse_args(argv)
-    defaults = dict(repeats=5, sample_repeats=3, warmup=2, target_seconds=0.3, digits=64, steps=DEFAULT_STEPS,
-                    train_batch=128)
-    if args.quick:
-        defaults.update(repeats=2, sample_repeats=1, warmup=1, target_seconds=0.01, digits=8, steps=4, train_batch=8,
-                        batch_sizes="4")
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    for name in ("repeats", "sample_repeats", "digits", "steps", "train_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    return args
-
 
 def pick_rows(available, wanted, flag, default):
     """The rows named in a --backends flag, validated, baseline first."""

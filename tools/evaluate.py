@@ -25,12 +25,67 @@ import os
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 atomic_write, pick_device, positive_int, run_cli, to_uint8)
+                 atomic_write, pick_device, positive_int, run_cli)
+
+CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")   # = mnist_cnn.CLASSIFIER_PATH
+DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
+
+
+def parse_args(argv):
+    parser = ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train-classifier", help="train the MNIST CNN that scores samples")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--max-shift", type=int, default=2, help="random shifts of +-N pixels (augmentation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
+    p.add_argument("--out", default=CLASSIFIER, help="where the weights go")
+    for name in ("score", "table"):
+        p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
+                           "grid of sampler settings x CFG scales as a markdown table")
+        src = p.add_mutually_exclusive_group(required=True) if name == "score" else p
+        src.add_argument("--ckpt", required=name == "table", help="checkpoint written by train.py")
+        if name == "score":
+            src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
+            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
+            p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
+            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+            p.add_argument("--per-class", type=positive_int, default=1000, help="samples per class (1000: headline)")
+            p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
+        else:
+            p.add_argument("--per-class", type=positive_int, default=100, help="samples per class unless a row says :N")
+            p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],...")
+            p.add_argument("--cfg-scales", default="1.5,2,3,4", help="CFG scales tried besides 1")
+            p.add_argument("--sweep-at", default="ddim-25", help="setting at which CFG scales are compared")
+            p.add_argument("--margin-fd", type=float, default=0.10, help="relative FD/floor margin of the choice")
+            p.add_argument("--margin-acc", type=float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
+            p.add_argument("--out-md", help="also write the table here")
+            p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
+                           "interrupted run (same ckpt, backend, seed, batch size)")
+        p.add_argument("--out-json", help="also write the results here as JSON")
+        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
+        p.add_argument("--batch-size", type=positive_int, default=500, help="images per network batch")
+        p.add_argument("--backend", choices=("torch", "ort"), default="torch", help="run the network on this")
+        p.add_argument("--onnx", help="ONNX file exported from --ckpt, for --backend ort")
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (None: CUDA when available)")
+        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+        p.add_argument("--classifier", default=CLASSIFIER, help="the scoring classifier's weights")
+        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
+    return parser.parse_args(argv)
+
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+
+import numpy as np  # noqa: E402  (imported after the flags on purpose)
+import torch  # noqa: E402
+
+from data import to_uint8  # noqa: E402
 from mnist_cnn import CLASSIFIER_PATH, score_images, train_classifier  # noqa: E402
 from runtime import draw_samples, model_from_checkpoint, open_backend  # noqa: E402
 from speedups import machine_line  # noqa: E402
@@ -124,9 +179,6 @@ def describe(r):
 # ----------------------------------------------------------------------------------------------
 #                                 The quality-versus-cost table
 # ----------------------------------------------------------------------------------------------
-
-DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
-
 
 def pick_recommended(rows, margin_fd, margin_acc):
     """Among the rows of the most common sample count, the best one is that with the lowest FD/floor; return
@@ -228,48 +280,7 @@ def run_score(args):
 
 
 def main(argv=None):
-    parser = ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train-classifier", help="train the MNIST CNN that scores samples")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
-    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--max-shift", type=int, default=2, help="random shifts of +-N pixels (augmentation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
-    p.add_argument("--out", default=CLASSIFIER_PATH, help="where the weights go")
-    for name in ("score", "table"):
-        p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
-                           "grid of sampler settings x CFG scales as a markdown table")
-        src = p.add_mutually_exclusive_group(required=True) if name == "score" else p
-        src.add_argument("--ckpt", required=name == "table", help="checkpoint written by train.py")
-        if name == "score":
-            src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
-            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
-            p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
-            p.add_argument("--per-class", type=positive_int, default=1000, help="samples per class (1000: headline)")
-            p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
-        else:
-            p.add_argument("--per-class", type=positive_int, default=100, help="samples per class unless a row says :N")
-            p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],...")
-            p.add_argument("--cfg-scales", default="1.5,2,3,4", help="CFG scales tried besides 1")
-            p.add_argument("--sweep-at", default="ddim-25", help="setting at which CFG scales are compared")
-            p.add_argument("--margin-fd", type=float, default=0.10, help="relative FD/floor margin of the choice")
-            p.add_argument("--margin-acc", type=float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
-            p.add_argument("--out-md", help="also write the table here")
-            p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
-                           "interrupted run (same ckpt, backend, seed, batch size)")
-        p.add_argument("--out-json", help="also write the results here as JSON")
-        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
-        p.add_argument("--batch-size", type=positive_int, default=500, help="images per network batch")
-        p.add_argument("--backend", choices=("torch", "ort"), default="torch", help="run the network on this")
-        p.add_argument("--onnx", help="ONNX file exported from --ckpt, for --backend ort")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (None: CUDA when available)")
-        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
-        p.add_argument("--classifier", default=CLASSIFIER_PATH, help="the scoring classifier's weights")
-        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     {"train-classifier": train_classifier, "score": run_score, "table": run_table}[args.command](args)
