@@ -200,24 +200,23 @@ class RunLock:
     the next run takes it over. The file names the holder (pid, host, start time) for the error message."""
 
     def __init__(self, folder):
-        self.path = os.path.join(folder, ".lock")
-        self.file = open(self.path, "a+")
+        self.fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
+            holder = os.read(self.fd, 300).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
             raise UserError(f"{folder} is in use by {holder}; wait for that run to end, stop it, or pass another "
                             f"--out") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        self.file.flush()
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+        with contextlib.suppress(OSError):   # who holds it is for the message; the lock works without it
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, holder.encode(), 0)
 
     def release(self):
-        if not self.file.closed:
-            self.file.close()                # closing the file drops the lock
+        if self.fd is not None:
+            os.close(self.fd)                # closing the file drops the lock
+            self.fd = None
 
     def __enter__(self):
         return self
@@ -241,7 +240,6 @@ def check_writable(path):
 
 def file_sha256(path, chunk=1 << 20):
     """Hex SHA-256 of a file: identifies the checkpoint an exported ONNX or engine was built from."""
-    import hashlib
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(chunk), b""):
@@ -276,7 +274,8 @@ class RunLog:
             self.tb.add_scalar(name, value, step)
 
     def close(self):
-        self.file.close()
+        with contextlib.suppress(OSError):    # a full disk: the checkpoint, not the log, is what resumes
+            self.file.close()
         if self.tb:
             self.tb.close()
 

@@ -21,6 +21,7 @@ Read top to bottom:  checkpoints -> PyTorch -> sidecars -> ONNX Runtime -> CUDA 
 -> opening a backend -> the batch loop of the sampling scripts.
 """
 import copy
+import hashlib
 import importlib.util
 import json
 import os
@@ -45,10 +46,10 @@ def configs_from_checkpoint(ckpt, path="checkpoint"):
     """Rebuild (DiTConfig, DiffusionConfig) from the dicts stored in a checkpoint (or an export sidecar)."""
     # Files written before the model config became the one home of learn_sigma also carry it in the
     # diffusion config (the diffusion now reads it off the network's output channels).
-    diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
     try:
+        diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
         return DiTConfig(**ckpt["model_config"]), DiffusionConfig(**diffusion)
-    except (TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise UserError(f"{path} has a model config this code does not understand ({e}); "
                         f"it was written by another version") from None
 
@@ -109,17 +110,25 @@ class TorchBackend:
 # ----------------------------------------------------------------------------------------------
 
 SIDECAR_FORMAT = "dit-export"
-SIDECAR_VERSION = 1
+SIDECAR_VERSION = 2            # 2 added the sidecar's own checksum
 
 
 def sidecar_path(artifact):
     return os.fspath(artifact) + ".json"
 
 
+def sidecar_sha256(meta):
+    """Checksum of a sidecar's own content (all but this field), so an edited sidecar is refused."""
+    content = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
 def write_sidecar(artifact, meta):
-    """Write `<artifact>.json` with meta plus the artifact's own hash (detects a file swapped after export)."""
+    """Write `<artifact>.json`: meta, the artifact's hash (a file swapped after export is refused) and the
+    sidecar's own checksum (so are hand-edited configs or class names, which would sample wrong images)."""
     meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "artifact": os.path.basename(artifact),
             "artifact_sha256": file_sha256(artifact), **meta}
+    meta["sidecar_sha256"] = sidecar_sha256(meta)
     atomic_write(sidecar_path(artifact), lambda f: json.dump(meta, f, indent=1), binary=False)
     return meta
 
@@ -141,6 +150,8 @@ def load_sidecar(artifact):
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
         raise UserError(f"{path} is not a sidecar written by this export.py (format {SIDECAR_FORMAT} "
                         f"v{SIDECAR_VERSION}); rerun export.py")
+    if meta.get("sidecar_sha256") != sidecar_sha256(meta):
+        raise UserError(f"{path} was changed after export (its checksum does not match its content); rerun export.py")
     return meta
 
 

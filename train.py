@@ -338,7 +338,7 @@ def train(args, out, rank, world, device):
         return None
     net = wrap(model, args, world, device)
     say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, {args.dataset} "
-        f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype} -> {out}")
+        f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype or 'off'} -> {out}")
 
     def save(step_done, wall):
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""

@@ -118,6 +118,10 @@ def test_bad_checkpoints(ckpt, tmp_path, capsys, monkeypatch):
     (["--labels", "2 elevn 4"], "unknown label 'elevn'"),
     (["--labels", "3 10"], "label 10 is out of range"),
     (["--labels", "-1"], "label -1 is out of range"),
+    (["--labels", "3 --2"], "unknown label '--2'"),
+    (["--labels", "--1"], "argument --labels: expected one argument"),
+    (["--device", "mps"], "unknown or unsupported --device 'mps'"),
+    (["--threads", "-1"], "argument --threads: must be an integer > 0, got -1"),
     (["--num-samples", "0"], "argument --num-samples: must be an integer > 0, got 0"),
     (["--steps", "0"], "argument --steps: must be an integer > 0, got 0"),
     (["--steps", "-5"], "argument --steps: must be an integer > 0, got -5"),
@@ -216,3 +220,151 @@ def test_folder_dataset_without_images(tmp_path, capsys, monkeypatch):
                          [*TINY_MODEL, "--dataset", "folder", "--data-dir", str(tmp_path / "empty"),
                           "--out", str(tmp_path / "run")])
     assert "no images" in err, err
+
+
+# ---------------------------------------------------------------- sidecars edited by hand
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from test_export import exported_tiny
+    return exported_tiny(tmp_path_factory)
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda m: m["diffusion_config"].update(prediction="eps"), "was changed after export"),
+    (lambda m: m.update(class_names=m["class_names"][::-1]), "was changed after export"),
+    (lambda m: m.pop("model_config"), "was changed after export"),
+    (lambda m: m.update(sidecar_sha256="0" * 64), "was changed after export"),
+])
+def test_an_edited_sidecar_is_refused(exported, tmp_path, capsys, monkeypatch, edit, words):
+    import json
+    import infer_trt
+    onnx_path = tmp_path / "model.onnx"
+    shutil.copy(os.path.join(exported["dir"], "model.onnx"), onnx_path)
+    meta = json.loads(open(os.path.join(exported["dir"], "model.onnx.json")).read())
+    edit(meta)
+    (tmp_path / "model.onnx.json").write_text(json.dumps(meta))
+    err = one_line_error(capsys, monkeypatch, "infer_trt.py", infer_trt.main,
+                         ["--onnx", str(onnx_path), "--backend", "ort", "--out", str(tmp_path / "g.png")])
+    assert words in err and "rerun export.py" in err, err
+
+
+# ---------------------------------------------------------------- what used to crash or answer wrongly
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_one_sampling_step_works(ckpt, tmp_path, sampler):
+    sample.main(["--ckpt", ckpt, "--steps", "1", "--sampler", sampler, "--num-samples", "4",
+                 "--out", str(tmp_path / "one.png")])
+    assert os.path.getsize(tmp_path / "one.png") > 0
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--max-minutes", "nan"], "argument --max-minutes: must be a number > 0, got nan"),
+    (["--grad-clip", "nan"], "argument --grad-clip: must be a number >= 0, got nan"),
+    (["--sample-cfg", "inf"], "argument --sample-cfg: must be a number >= 0, got inf"),
+    (["--ema-decay", "1.5"], "argument --ema-decay: must be a number in [0, 1), got 1.5"),
+    (["--prediction", "noise"], "argument --prediction: invalid choice: 'noise'"),
+])
+def test_impossible_training_flags_are_one_line_before_torch_loads(tmp_path, capsys, monkeypatch, argv, words):
+    err = one_line_error(capsys, monkeypatch, "train.py", lambda: train.parse_args(argv), [])
+    assert words in err, err
+
+
+def test_score_per_class_zero_is_one_line(capsys, monkeypatch):
+    import evaluate
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(lambda: evaluate.main(["score", "--npz", "x.npz", "--per-class", "0"]))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == "evaluate.py score: error: argument --per-class: must be an integer > 0, got 0\n"
+
+
+# ---------------------------------------------------------------- the command lines themselves
+
+SCRIPTS = ("train.py", "sample.py", "export.py", "infer_trt.py", "tools/evaluate.py", "tools/bench.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_answers_without_loading_torch(script):
+    """--help must not wait for PyTorch (seconds to import): the flags are parsed before it loads."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import runpy, sys\n"
+            f"sys.argv = [{script!r}, '--help']\n"
+            "try:\n"
+            f"    runpy.run_path({os.path.join(root, script)!r}, run_name='__main__')\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print('TORCH LOADED' if 'torch' in sys.modules else 'no torch')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=root)
+    assert res.returncode == 0 and res.stdout.strip().endswith("no torch"), res.stdout[-500:] + res.stderr[-500:]
+    assert "usage:" in res.stdout
+
+
+def parsers():
+    import export
+    import infer_trt
+    import bench
+    return {"train.py": train.build_parser(), "sample.py": sample_parser(), "export.py": parser_of(export.parse_args),
+            "infer_trt.py": infer_trt.build_parser(), "tools/bench.py": parser_of(bench.parse_args),
+            **{f"tools/evaluate.py {c}": p for c, p in evaluate_subparsers().items()}}
+
+
+def parser_of(parse_args):
+    """The ArgumentParser a script's parse_args builds, caught as it parses --help."""
+    import argparse
+    caught = []
+    real = argparse.ArgumentParser.parse_args
+
+    def catch(self, *a, **k):
+        caught.append(self)
+        raise SystemExit(0)
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        parse_args(["--help"])
+    except SystemExit:
+        pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return caught[0]
+
+
+def sample_parser():
+    return parser_of(sample.parse_args)
+
+
+def evaluate_subparsers():
+    import argparse
+    import evaluate
+    top = parser_of(evaluate.parse_args)
+    action = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for name, parser in parsers().items():
+        for action in parser._actions:
+            if action.dest in ("help", "command"):
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help text"
+        assert isinstance(parser, cli.ArgumentParser), name          # its --help shows every default
+
+
+def test_sample_and_infer_trt_take_the_same_sampling_flags():
+    import infer_trt
+    flags = lambda p: {s for a in p._actions for s in a.option_strings}
+    shared = flags(sample_parser()) & flags(infer_trt.build_parser())
+    for flag in ("--labels", "--num-samples", "--sampler", "--steps", "--cfg-scale", "--eta", "--seed",
+                 "--batch-size", "--out", "--device", "--threads"):
+        assert flag in shared, flag
+
+
+def test_choices_spelled_out_for_fast_flags_match_the_code():
+    import diffusion
+    import evaluate
+    import infer_trt
+    import mnist_cnn
+    choices = {a.dest: tuple(a.choices) for a in train.build_parser()._actions if a.choices}
+    assert choices["prediction"] == diffusion.PREDICTIONS and choices["timesteps"] == diffusion.TIMESTEP_DRAWS
+    assert choices["dataset"] == data.DATASETS and cli.SAMPLERS == diffusion.SAMPLERS
+    assert set(infer_trt.BACKENDS) == {"trt", "ort", "torch"} and evaluate.CLASSIFIER == mnist_cnn.CLASSIFIER_PATH

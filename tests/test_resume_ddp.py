@@ -110,3 +110,147 @@ def test_ddp_matches_single_process_and_resumes(tmp_path):
                           os.path.join(ROOT, "train.py"), *TINY, "--batch-size", "15", "--out", str(tmp_path / "x")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode != 0 and "not divisible by the 2 DDP processes" in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+#                     No lost or mixed runs: lock, stale temp files, full disk
+# ----------------------------------------------------------------------------------------------
+
+def start_training(out, *extra):
+    """A train.py subprocess that runs until stopped; returns it once its first checkpoint exists."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000",
+                             "--ckpt-every", "2", "--log-every", "1000", "--out", out, *extra],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not os.path.exists(os.path.join(out, "ckpt.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    return proc
+
+
+def test_a_second_run_on_the_same_folder_is_refused_until_the_first_ends(tmp_path):
+    out = str(tmp_path / "run")
+    first = start_training(out)
+    try:
+        with pytest.raises(cli.UserError) as e:
+            train.main([*TINY, "--steps", "100000", "--out", out, "--resume", "auto"])
+        msg = str(e.value)
+        assert f"{out} is in use by pid {first.pid} on " in msg and " since " in msg and "another --out" in msg
+    finally:
+        first.send_signal(signal.SIGKILL)     # killed: no clean-up, its lock must not outlive it
+        first.wait(timeout=30)
+    step = cli.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    train.main([*TINY, "--steps", str(step + 2), "--out", out, "--resume", "auto"])   # takes the lock over
+    assert load(out)["step"] == step + 2
+
+
+def test_stale_temp_files_of_a_killed_save_are_removed_on_the_next_save(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "2", "--out", out])
+    stale = os.path.join(out, ".ckpt.pt.abc123.tmp")
+    with open(stale, "wb") as f:
+        f.write(b"half a checkpoint")
+    train.main([*TINY, "--steps", "4", "--out", out, "--resume", "auto"])
+    assert not os.path.exists(stale) and load(out)["step"] == 4
+
+
+def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out, real_save, calls = str(tmp_path / "run"), torch.save, []
+
+    def save_until_the_disk_fills(obj, f, *a, **k):
+        calls.append(1)
+        if len(calls) >= 2:          # torch reports ENOSPC as a RuntimeError raised while handling the OSError
+            try:
+                raise OSError(28, "No space left on device")
+            except OSError:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        return real_save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(cli.DiskFull) as e:
+        train.main([*TINY, "--steps", "4", "--ckpt-every", "2", "--out", out])
+    msg = str(e.value)
+    assert msg.startswith(f"no space left on the disk of {out}; last good checkpoint: ") and "(step 2)" in msg
+    assert "\n" not in msg and "--resume auto" in msg
+    assert load(out)["step"] == 2 and not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+def test_a_really_full_disk(tmp_path):
+    """The same on a real 1 MiB tmpfs (needs the right to mount; skipped where there is none)."""
+    import sample
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (not root)")
+    try:
+        train.main([*TINY, "--steps", "2", "--out", str(tmp_path / "small")])
+        with pytest.raises(OSError), open(disk / "filler", "wb", buffering=0) as f:
+            while True:                                  # fill the disk to the last byte
+                f.write(b"\0" * 4096)
+        with pytest.raises(cli.DiskFull, match=f"no space left on the disk of {disk} while writing grid.png"):
+            sample.main(["--ckpt", str(tmp_path / "small" / "ckpt.pt"), "--num-samples", "64", "--steps", "1",
+                         "--out", str(disk / "grid.png")])
+        with pytest.raises(cli.DiskFull, match="last good checkpoint: none was written yet"):
+            train.main([*TINY, "--steps", "2", "--out", str(disk / "run")])
+        assert not [n for n in os.listdir(disk) if n.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ----------------------------------------------------------------------------------------------
+#                        DDP: a silent peer, and SIGTERM through torchrun
+# ----------------------------------------------------------------------------------------------
+
+def test_a_stopped_ddp_process_ends_the_run_within_the_timeout(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000", "--ckpt-every", "2",
+                             "--log-every", "1000", "--ddp-timeout", "5", "--out", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while not os.path.exists(os.path.join(out, "ckpt.pt")):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-f", f"train.py.*--out {out}"], capture_output=True, text=True)
+        pids = sorted(int(p) for p in workers.stdout.split() if int(p) != proc.pid)
+        assert len(pids) == 2, workers.stdout
+        os.kill(pids[-1], signal.SIGSTOP)                       # one rank stops answering
+        stopped = time.time()
+        output = proc.communicate(timeout=120)[0]
+        assert time.time() - stopped < 60                       # 5 s timeout, then torchrun's shutdown
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "another DDP process stopped answering for 5 s (--ddp-timeout) or died" in output, output[-3000:]
+    step = cli.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    train.main([*TINY, "--steps", str(step + 2), "--out", out, "--resume", "auto"])   # resumable
+    assert load(out)["step"] == step + 2
+
+
+def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_resumes(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000", "--ckpt-every", "1000",
+                             "--log-every", "1000", "--out", out],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 90
+    while not os.path.exists(os.path.join(out, "log.csv")) or os.path.getsize(os.path.join(out, "log.csv")) == 0:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    # torchrun forwards SIGTERM to the workers; they finish the step, rank 0 saves, and torchrun itself
+    # then exits 1 with its own SignalException (its behaviour, which the README states).
+    assert "stopped by SIGTERM at step" in output and proc.returncode == 1, output[-3000:]
+    ckpt = cli.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    assert int(log_rows(out)[-1]["step"]) == ckpt["step"] > 0 and len(ckpt["rng"]["ranks"]) == 2
+    train.main([*TINY, "--steps", str(ckpt["step"] + 2), "--out", out, "--resume", "auto"])
+    assert load(out)["step"] == ckpt["step"] + 2
+
+
+def log_rows(out):
+    with open(os.path.join(out, "log.csv"), newline="") as f:
+        return list(csv.DictReader(f))

@@ -172,3 +172,45 @@ def test_learning_rate_warms_up_then_stays_constant():
     assert train.learning_rate(args, 0) == pytest.approx(1e-5) and train.learning_rate(args, 49) == pytest.approx(5e-4)
     assert train.learning_rate(args, 99) == train.learning_rate(args, 29_999) == 1e-3
     assert train.learning_rate(train.parse_args(["--warmup", "0"]), 0) == 1e-3
+
+
+def test_a_cpu_run_without_a_budget_trains_for_30_minutes(capsys):
+    args = train.parse_args(["--device", "cpu"])
+    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    assert (args.model, args.max_minutes, args.steps) == ("DiT-T/4", 30, 30_000)
+    assert "no CUDA GPU: training the CPU model DiT-T/4 for 30 minutes" in capsys.readouterr().out
+    args = train.parse_args(["--steps", "500"])                        # a budget given: nothing added
+    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    assert (args.steps, args.max_minutes) == (500, None)
+
+
+def test_progress_line_counts_steps_percent_and_time_left(tmp_path, capsys):
+    train.main([*TINY, "--steps", "4", "--log-every", "2", "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert "step 2/4 (50%) | loss " in out and "step 4/4 (100%)" in out and " left" in out
+
+
+def test_one_timestep_process_trains_and_samples(tmp_path):
+    train.main([*TINY, "--steps", "3", "--num-timesteps", "1", "--out", str(tmp_path / "run")])
+    assert load(str(tmp_path / "run"))["diffusion_config"]["num_timesteps"] == 1
+
+
+def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "2", "--out", out])
+    with pytest.raises(cli.UserError, match="ckpt.pt exists: this folder holds a run; continue it with --resume auto"):
+        train.main([*TINY, "--steps", "4", "--out", out])
+    assert load(out)["step"] == 2
+
+
+def test_resume_refuses_a_damaged_checkpoint_and_survives_a_garbage_log_row(tmp_path):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "2", "--log-every", "1", "--out", out])
+    with open(os.path.join(out, "log.csv"), "a") as f:
+        f.write("garbage,,\n")
+    train.main([*TINY, "--steps", "3", "--log-every", "1", "--out", out, "--resume", "auto"])
+    assert [r["step"] for r in log_rows(out)] == ["1", "2", "3"]
+    from test_bad_input import flip_a_weight_byte
+    flip_a_weight_byte(os.path.join(out, "ckpt.pt"), os.path.join(out, "flipped.pt"))
+    with pytest.raises(cli.UserError, match="flipped.pt is damaged"):
+        train.main([*TINY, "--steps", "4", "--out", out, "--resume", os.path.join(out, "flipped.pt")])

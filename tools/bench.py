@@ -26,8 +26,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, ArgumentParser, UserError, atomic_write,  # noqa: E402
-                 config_dict, pick_device, run_cli)
+from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
+                 atomic_write, config_dict, pick_device, run_cli)
 
 
 def parse_args(argv):
@@ -45,9 +45,9 @@ def parse_args(argv):
     a("--warmup", type=int, default=None, help="untimed calls per row before timing (default 2)")
     a("--target-seconds", type=float, default=None, help="length of one timed run of evaluations (default 0.3)")
     a("--digits", type=int, default=None, help="digits to sample (default 64)")
-    a("--sampler", default=DEFAULT_SAMPLER)
+    a("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler of the digit timings (sample.py's default)")
     a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
-    a("--cfg-scale", type=float, default=DEFAULT_CFG)
+    a("--cfg-scale", type=float, default=DEFAULT_CFG, help="guidance scale of the digit timings (sample.py's default)")
     a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
       help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
     a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
