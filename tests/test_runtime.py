@@ -1,11 +1,15 @@
 """runtime.py and infer_trt.py on the tiny export of test_export.py: the ORT sampler against PyTorch,
 the sidecar refusing stale or foreign files, the one-line errors of infer_trt.py, and (only where
 TensorRT and a CUDA GPU exist) the engine end to end."""
+import contextlib
+import ctypes
 import os
 import shutil
 import subprocess
 import sys
+import types
 
+import numpy as np
 import pytest
 import torch
 
@@ -215,3 +219,200 @@ def test_tensorrt_engine_end_to_end(tiny, tmp_path, capsys):
         plain(*(torch.cat([v] * 4)[:17] for v in (x, t, y)))
     images = draw(plain, diffusion, model.config, device="cuda")
     assert (images - draw(torch_fn, diffusion, model.config, device="cuda")).abs().max().item() * 127.5 < 10
+
+
+# ----------------------------------------------------------------------------------------------
+#              TrtBackend's stream and CUDA-graph logic, on a fake TensorRT and fake CUDA
+# ----------------------------------------------------------------------------------------------
+# TensorRT cannot run here, so a fake engine stands in: it reads its inputs from the addresses bound to it
+# (host memory: the fake runs on CPU tensors) and writes out = 2 x + t. Fake streams and graphs record
+# what TrtBackend does, in order, so the protocol is checked: shapes before the enqueue, the side stream
+# waiting for the main one and the main one for it, a warm-up before the capture, one capture per batch.
+
+
+PROFILE = [(1, 1, 4, 4), (4, 1, 4, 4), (8, 1, 4, 4)]
+
+
+class FakeCuda:
+    def __init__(self, events):
+        self.events, self.capturing, self.ids = events, None, iter(range(1, 100))
+        self.current = self.Stream(self, 0)
+
+    class Stream:
+        def __init__(self, cuda, handle=None):
+            self.cuda, self.cuda_stream = cuda, next(cuda.ids) if handle is None else handle
+
+        def wait_stream(self, other):
+            self.cuda.events.append(("wait", self.cuda_stream, other.cuda_stream))
+
+        def synchronize(self):
+            self.cuda.events.append(("sync", self.cuda_stream))
+
+    def install(self, monkeypatch, fail_capture=False):
+        cuda = self
+
+        class Graph:
+            def __init__(self):
+                self.thunks = []
+
+            def replay(self):
+                cuda.events.append(("replay",))
+                for thunk in self.thunks:
+                    thunk()
+
+        @contextlib.contextmanager
+        def graph(g, stream=None):
+            if fail_capture:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            cuda.events.append(("capture", stream.cuda_stream))
+            cuda.capturing, before, cuda.current = g, cuda.current, stream
+            try:
+                yield
+            finally:
+                cuda.capturing, cuda.current = None, before
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, cuda.current = cuda.current, s
+            try:
+                yield
+            finally:
+                cuda.current = before
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: FakeCuda.Stream(cuda))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: cuda.current)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: cuda.events.append(("record", s.cuda_stream)))
+
+
+def host_array(address, ctype, n):
+    return np.ctypeslib.as_array((ctype * n).from_address(address))
+
+
+class FakeContext:
+    def __init__(self, cuda, number):
+        self.cuda, self.number, self.shapes, self.addresses = cuda, number, {}, {}
+
+    def set_input_shape(self, name, shape):
+        self.cuda.events.append(("shape", self.number, name, tuple(shape)))
+        self.shapes[name] = tuple(shape)
+        return PROFILE[0][0] <= shape[0] <= PROFILE[2][0]
+
+    def set_tensor_address(self, name, address):
+        assert isinstance(address, int)
+        self.cuda.events.append(("address", self.number, name))
+        self.addresses[name] = address
+
+    def get_tensor_shape(self, name):
+        return self.shapes["x"]
+
+    def execute_async_v3(self, stream_handle):
+        assert isinstance(stream_handle, int) and set(self.shapes) == {"x", "t", "y"} and "out" in self.addresses
+        self.cuda.events.append(("execute", self.number, stream_handle, self.cuda.capturing is not None))
+        n, size = self.shapes["x"][0], int(np.prod(self.shapes["x"]))
+        x_address, t_address, out_address = self.addresses["x"], self.addresses["t"], self.addresses["out"]
+
+        def compute():                     # out = 2 x + t, read from and written to the bound addresses
+            x = host_array(x_address, ctypes.c_float, size).reshape(n, -1)
+            t = host_array(t_address, ctypes.c_int64, n)
+            host_array(out_address, ctypes.c_float, size).reshape(n, -1)[:] = 2 * x + t[:, None]
+        if self.cuda.capturing is not None:
+            self.cuda.capturing.thunks.append(compute)
+        else:
+            compute()
+        return True
+
+
+def fake_tensorrt(cuda):
+    contexts = []
+
+    class Engine:
+        num_io_tensors = 4
+
+        def get_tensor_name(self, i):
+            return ("x", "t", "y", "out")[i]
+
+        def get_tensor_dtype(self, name):
+            return "int64" if name in ("t", "y") else "float"
+
+        def get_tensor_profile_shape(self, name, profile):
+            return PROFILE
+
+        def create_execution_context(self):
+            contexts.append(FakeContext(cuda, len(contexts)))
+            return contexts[-1]
+
+    runtime_class = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: Engine())
+    logger_class = lambda severity: object()
+    logger_class.WARNING = 2
+    return types.SimpleNamespace(Runtime=runtime_class, Logger=logger_class, __version__="11.4-fake",
+                                 DataType=types.SimpleNamespace(FLOAT="float", HALF="half", INT64="int64",
+                                                                INT32="int32")), contexts
+
+
+@pytest.fixture()
+def fake_trt(tmp_path, monkeypatch):
+    events = []
+    cuda = FakeCuda(events)
+
+    def make(cuda_graph, fail_capture=False):
+        cuda.install(monkeypatch, fail_capture)
+        trt, contexts = fake_tensorrt(cuda)
+        monkeypatch.setattr(runtime, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(runtime, "_TRT_LOGGER", [])
+        (tmp_path / "fake.engine").write_bytes(b"fake")
+        backend = runtime.TrtBackend(str(tmp_path / "fake.engine"), cuda_graph=cuda_graph, meta={"profile": {}})
+        backend.device = torch.device("cpu")            # the fake computes on host memory
+        return backend, events, contexts
+    return make
+
+
+def inputs(n):
+    g = torch.Generator().manual_seed(n)
+    return torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.zeros(n, dtype=torch.long)
+
+
+def test_trt_backend_plain_call_orders_streams_and_sets_shapes_first(fake_trt):
+    backend, events, _ = fake_trt(cuda_graph=False)
+    x, t, y = inputs(3)
+    events.clear()
+    out = backend(x, t, y)
+    assert torch.equal(out, 2 * x + t.float().view(-1, 1, 1, 1))
+    side = backend.stream.cuda_stream
+    kinds = [e[0] for e in events]
+    assert events[0] == ("wait", side, 0)                        # the side stream waits for the inputs
+    assert kinds.index("execute") > max(i for i, k in enumerate(kinds) if k in ("shape", "address"))
+    assert ("execute", 0, side, False) in events                 # enqueued on the side stream, not stream 0
+    assert kinds.count("record") == 4 and events[-1] == ("wait", 0, side)   # main waits for the result
+    assert [e[2:] for e in events if e[0] == "shape"] == [("x", (3, 1, 4, 4)), ("t", (3,)), ("y", (3,))]
+
+
+def test_trt_backend_refuses_a_batch_outside_the_profile_before_any_call(fake_trt):
+    backend, events, _ = fake_trt(cuda_graph=False)
+    events.clear()
+    with pytest.raises(UserError, match=r"batch 9 is outside the engine's profile \[1, 8\]"):
+        backend(*inputs(9))
+    assert events == []
+
+
+def test_trt_backend_cuda_graphs_warm_up_then_capture_once_per_batch(fake_trt):
+    backend, events, contexts = fake_trt(cuda_graph=True)
+    side = backend.stream.cuda_stream
+    for n in (2, 2, 5):
+        x, t, y = inputs(n)
+        assert torch.equal(backend(x, t, y), 2 * x + t.float().view(-1, 1, 1, 1))
+    kinds = [e[0] for e in events]
+    assert kinds.count("capture") == 2 and kinds.count("replay") == 3 and len(contexts) == 3   # 1 plain + 1 per batch
+    first = kinds.index("capture")
+    shapes = [i for i, e in enumerate(events) if e[0] == "shape" and e[1] == 1]
+    warm = events.index(("execute", 1, side, False))
+    assert max(shapes) < warm < first < events.index(("execute", 1, side, True))   # shapes, warm-up, capture
+    assert events[first] == ("capture", side) and ("sync", side) in events[warm:first]
+
+
+def test_trt_backend_falls_back_when_capture_fails(fake_trt, capsys):
+    backend, events, _ = fake_trt(cuda_graph=True, fail_capture=True)
+    x, t, y = inputs(2)
+    assert torch.equal(backend(x, t, y), 2 * x + t.float().view(-1, 1, 1, 1))
+    assert backend.graphs is None and "CUDA graph capture of the engine failed" in capsys.readouterr().out
