@@ -30,6 +30,7 @@ import torch.nn.functional as F
 PREDICTIONS = ("eps", "x0", "v")
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 TIMESTEP_DRAWS = ("uniform", "logit-normal")
+LOSS_WEIGHTS = ("none", "min-snr", "v-clipped")
 
 
 @dataclass
@@ -40,6 +41,8 @@ class DiffusionConfig:
     prediction: str = "eps"       # what the network outputs: "eps", "x0" or "v"
     vlb_weight: float = 1e-3      # lambda of IDDPM's L_hybrid = L_simple + lambda * L_vlb
     timesteps: str = "uniform"    # how training draws t: "uniform" (DDPM) or "logit-normal" (more of the middle)
+    loss_weight: str = "none"     # weighting of the MSE over t (training_loss): "none", "min-snr", "v-clipped"
+    snr_gamma: float = 5.0        # the clip of those weightings
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +128,8 @@ class GaussianDiffusion:
             raise ValueError(f"unknown prediction {config.prediction!r}; expected one of {PREDICTIONS}")
         if config.timesteps not in TIMESTEP_DRAWS:
             raise ValueError(f"unknown timestep draw {config.timesteps!r}; expected one of {TIMESTEP_DRAWS}")
+        if config.loss_weight not in LOSS_WEIGHTS:
+            raise ValueError(f"unknown loss weight {config.loss_weight!r}; expected one of {LOSS_WEIGHTS}")
         self.config = config
         if betas is None:
             if config.schedule == "linear":
@@ -225,7 +230,11 @@ class GaussianDiffusion:
         C = x0.shape[1]
         pred = out[:, :C]
         target = {"eps": noise, "x0": x0, "v": self.v_target(x0, t, noise)}[self.config.prediction]
-        terms = {"mse": F.mse_loss(pred.float(), target)}
+        if self.config.loss_weight == "none":
+            terms = {"mse": F.mse_loss(pred.float(), target)}
+        else:
+            error = (pred.float() - target).square().flatten(1).mean(1)           # (N,) per image
+            terms = {"mse": (self.loss_weight(t, x0) * error).mean()}
         terms["loss"] = terms["mse"]
         if learns_sigma(out, x0):
             # The vlb term trains only the variance: the mean is frozen (detached), as in IDDPM, so
@@ -235,6 +244,16 @@ class GaussianDiffusion:
             terms["vlb"] = self.vlb_term(frozen, x0, xt, t).mean()
             terms["loss"] = terms["loss"] + self.config.vlb_weight * self.num_timesteps * terms["vlb"]
         return terms
+
+    def loss_weight(self, t, x):
+        """Per-step weights of the prediction's MSE, defined on the x0 error and converted to the predicted
+        quantity (its error is the x0 error times SNR for eps, times 1 + SNR for v; SNR = alpha_bar / (1 - alpha_bar)):
+          min-snr    min(SNR, gamma): Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556);
+          v-clipped  min(1 + SNR, gamma): the v-loss's weighting, clipped the same way."""
+        acp = _gather(self.alphas_cumprod, t, x).flatten()
+        snr, gamma = acp / (1 - acp), self.config.snr_gamma
+        x0_weight = (snr if self.config.loss_weight == "min-snr" else 1 + snr).clamp(max=gamma)
+        return x0_weight / {"x0": torch.ones_like(snr), "eps": snr, "v": 1 + snr}[self.config.prediction]
 
     def vlb_term(self, out, x0, xt, t):
         """One step of the variational bound in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0,

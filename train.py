@@ -37,7 +37,7 @@ GPU_STEPS, CPU_MINUTES = 30_000, 30   # the default budgets: the lesson's T4 run
 LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
 # The choices of diffusion.py and data.py, spelled out so that flags parse before torch loads (a test
 # keeps them equal).
-PREDICTIONS, TIMESTEP_DRAWS = ("eps", "x0", "v"), ("uniform", "logit-normal")
+PREDICTIONS, TIMESTEP_DRAWS, LOSS_WEIGHTS = ("eps", "x0", "v"), ("uniform", "logit-normal"), ("none", "min-snr", "v-clipped")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
 GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
@@ -68,6 +68,8 @@ def build_parser():
     a("--schedule", default="linear", choices=("linear", "cosine"), help="noise schedule (DDPM / IDDPM)")
     a("--num-timesteps", type=positive_int, default=1000, help="T, the diffusion's number of steps")
     a("--timesteps", default="uniform", choices=TIMESTEP_DRAWS, help="how training draws t (diffusion.py)")
+    a("--loss-weight", default="none", choices=LOSS_WEIGHTS, help="weighting of the loss over t (diffusion.py)")
+    a("--snr-gamma", type=positive_float, default=5.0, help="the clip of --loss-weight min-snr and v-clipped")
     a("--learn-sigma", action="store_true", help="also learn the variance (IDDPM hybrid loss)")
     a("--label-dropout", type=fraction, default=0.1, help="share of labels replaced by the null class (for CFG)")
     a("--ema-decay", type=fraction, default=0.999, help="decay of the weights' moving average used for sampling")
@@ -254,7 +256,7 @@ def make_configs(args, ds):
     except ValueError as e:
         raise UserError(f"{e}; change --image-size, --patch-size, --hidden-size or --num-heads") from None
     return config, DiffusionConfig(num_timesteps=args.num_timesteps, schedule=args.schedule, prediction=args.prediction,
-                                   timesteps=args.timesteps)
+                                   timesteps=args.timesteps, loss_weight=args.loss_weight, snr_gamma=args.snr_gamma)
 
 
 def build(args, config, rank, device):

@@ -366,5 +366,6 @@ def test_choices_spelled_out_for_fast_flags_match_the_code():
     import mnist_cnn
     choices = {a.dest: tuple(a.choices) for a in train.build_parser()._actions if a.choices}
     assert choices["prediction"] == diffusion.PREDICTIONS and choices["timesteps"] == diffusion.TIMESTEP_DRAWS
+    assert choices["loss_weight"] == diffusion.LOSS_WEIGHTS
     assert choices["dataset"] == data.DATASETS and cli.SAMPLERS == diffusion.SAMPLERS
     assert set(infer_trt.BACKENDS) == {"trt", "ort", "torch"} and evaluate.CLASSIFIER == mnist_cnn.CLASSIFIER_PATH

@@ -231,3 +231,26 @@ def test_logit_normal_timesteps_favour_the_middle_and_stay_in_range():
     assert share(uniform) == pytest.approx(0.5, abs=0.02) and share(middle) == pytest.approx(0.74, abs=0.02)
     with pytest.raises(ValueError, match="unknown timestep draw"):
         GaussianDiffusion(DiffusionConfig(timesteps="beta"))
+
+
+@pytest.mark.parametrize("prediction", ["x0", "eps", "v"])
+def test_loss_weights_are_defined_on_the_x0_error_whatever_is_predicted(prediction):
+    """The same weighting gives the same loss whether the network predicts x0, eps or v: the weights are set on
+    the x0 error and converted (eps error = SNR x0 error, v error = (1 + SNR) x0 error)."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(6, 1, 4, 4, generator=g) * 2 - 1, torch.randn(6, 1, 4, 4, generator=g)
+    t = torch.tensor([20, 50, 200, 500, 800, 999])     # not t = 0: converting x0 to eps there loses float32 digits
+    x0_hat = x0 + 0.1 * torch.randn(6, 1, 4, 4, generator=g)       # the same wrong x0, expressed three ways
+    for weight, gamma in (("min-snr", 5.0), ("v-clipped", 5.0), ("v-clipped", 2.0)):
+        d = GaussianDiffusion(DiffusionConfig(prediction=prediction, loss_weight=weight, snr_gamma=gamma))
+        xt = d.q_sample(x0, t, noise)
+        out = {"x0": x0_hat, "eps": d.x0_to_eps(xt, t, x0_hat),
+               "v": d.v_target(x0_hat, t, d.x0_to_eps(xt, t, x0_hat))}[prediction]
+        loss = d.training_loss(lambda *a: out, x0, None, t=t, noise=noise)["loss"]
+        acp = d.alphas_cumprod[t].float()
+        snr = acp / (1 - acp)
+        w = (snr if weight == "min-snr" else 1 + snr).clamp(max=gamma)
+        expected = (w * (x0_hat - x0).square().flatten(1).mean(1)).mean()
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-3), (weight, prediction)
+    with pytest.raises(ValueError, match="unknown loss weight"):
+        GaussianDiffusion(DiffusionConfig(loss_weight="edm"))
