@@ -27,7 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 atomic_write, config_dict, pick_device, run_cli)
+                 Progress, atomic_write, config_dict, pick_device, run_cli)
 
 
 def parse_args(argv):
@@ -412,6 +412,9 @@ def main(argv=None):
     train_names = pick_rows(train_available, args.train_backends, "--train-backends",
                             ["eager"] if args.quick else train_available)
 
+    # Progress on stderr (the report goes to stdout at the end): the phases, with the time they leave.
+    progress = Progress(4, "bench phase ", every=0)
+    progress.update(0, " | peak FLOP/s and FLOP counts", force=True)
     info = speedups.machine_info(device)
     peak_n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
     torch.backends.cuda.matmul.allow_tf32 = False           # the fp32 rows are fp32 (only the tf32 row sets it)
@@ -425,10 +428,12 @@ def main(argv=None):
     flops = speedups.count_flops(copy.deepcopy(model), 1)
     flops_train = speedups.count_flops(copy.deepcopy(model).train(), 1, backward=True)
 
+    progress.update(1, f" | one network evaluation: {len(names)} backends x batch {batch_sizes}", force=True)
     fns = {name: available[name][0](model) for name in names}
     evaluations = bench_evaluations(fns, model, batch_sizes, args, device, sync) if names else []
     for row in evaluations:
         row["peak_fraction"] = flops * row["batch"] * row["evals_per_s"] / peaks[available[row["backend"]][1]]
+    progress.update(2, f" | {args.digits} digits with each backend", force=True)
     sampling = []
     if names:
         c, n_net = model.config, args.digits * (2 if args.cfg_scale != 1 else 1)
@@ -437,11 +442,14 @@ def main(argv=None):
         for fn in fns.values():
             fn(*warm)                                    # compile / capture the sampling batch before timing
         sampling = bench_sampling(fns, model, diffusion, args, device, sync)
+    progress.update(3, f" | the training step: {len(train_names)} rows", force=True)
     makers = {name: train_available[name] for name in train_names}
     training = bench_training(makers, model, diffusion, args, device, sync) if makers else []
     for row in training:
         _, precision, row["changes_numerics"] = makers[row["backend"]]
         row["peak_fraction"] = flops_train * row["images_per_s"] / peaks[precision]
+    progress.update(4, " | done", force=True)
+    progress.close()
     info["load_average_end"] = os.getloadavg()[0]
     nfe_images = args.digits * (2 if args.cfg_scale != 1 else 1)
     result = {

@@ -138,6 +138,8 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
                           sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - start
     images = to_uint8(images)                           # quantised to uint8 like a saved PNG
+    print(f"scoring {len(images)} digits: the classifier, FD against the test digits and the floor", file=sys.stderr,
+          flush=True)
     result = score_images(images, labels, data_dir, classifier_path)
     result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
                   batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
