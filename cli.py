@@ -63,6 +63,13 @@ def _number(cast, test, wanted):
     return parse
 
 
+def number_list(kind):
+    """An argparse type: '8,64,256' -> [8, 64, 256], each item checked by kind (e.g. positive_int)."""
+    def parse(text):
+        return [kind(item) for item in text.split(",") if item.strip()] or kind("")
+    return parse
+
+
 positive_int = _number(int, lambda v: v > 0, "an integer > 0")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: v > 0, "a number > 0")
@@ -82,8 +89,8 @@ class Progress:
     terminal the line is rewritten in place; in a log file a new line comes at most every `every` seconds
     (and whenever update is forced). With a time limit, percent and time left follow whichever ends first."""
 
-    def __init__(self, total, what="", start=0, time_limit=None, every=30.0, file=None):
-        self.total, self.what, self.start, self.time_limit, self.every = total, what, start, time_limit, every
+    def __init__(self, total, what="", time_limit=None, every=30.0, file=None):
+        self.total, self.what, self.time_limit, self.every = total, what, time_limit, every
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
         self.t0, self.last, self.first = time.monotonic(), -float("inf"), None
@@ -123,6 +130,13 @@ class StopFlag:
             signal.signal(s, h)
 
 
+def has_fast_bf16(device):
+    """Whether a CUDA device computes bf16 natively: compute capability 8 (Ampere) or newer. Earlier GPUs (a T4)
+    emulate it, and torch.cuda.is_bf16_supported() counts the emulation, so it cannot decide this."""
+    import torch
+    return torch.device(device).type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def pick_device(name=None):
     """--device value (cpu, cuda, cuda:N) -> torch.device; default: CUDA when available, else CPU."""
     import torch
@@ -140,6 +154,10 @@ def pick_device(name=None):
 # ----------------------------------------------------------------------------------------------
 #                                  Files that survive a crash
 # ----------------------------------------------------------------------------------------------
+
+UMASK = os.umask(0o022)          # read once, at import: reading it means setting it, for the whole process
+os.umask(UMASK)
+
 
 class DiskFull(UserError):
     """No space left where a file was being written; the file itself was left as it was."""
@@ -165,11 +183,8 @@ def atomic_write(path, write_fn, binary=True):
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror}; choose a writable output path") from None
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 minus the umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb" if binary else "w") as f:
+            os.fchmod(f.fileno(), 0o666 & ~UMASK)  # mkstemp makes 0600; give the mode a plain open() would
             write_fn(f)
             f.flush()
             os.fsync(f.fileno())
@@ -203,9 +218,11 @@ class RunLock:
         self.fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             holder = os.read(self.fd, 300).decode(errors="replace").strip() or "another process"
             os.close(self.fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):      # e.g. ENOLCK: this file system has no locks
+                raise UserError(f"cannot lock {folder} ({e.strerror}); pass an --out on a local disk") from None
             raise UserError(f"{folder} is in use by {holder}; wait for that run to end, stop it, or pass another "
                             f"--out") from None
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
@@ -258,11 +275,15 @@ class RunLog:
         rows, self.tb = [], None
         if step and os.path.exists(path):
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if (r["step"] or "").isdigit() and int(r["step"]) <= step]
-        self.file = open(path, "w", newline="")
+                rows = [r for r in csv.DictReader(f) if (r.get("step") or "").isdigit() and int(r["step"]) <= step]
+
+        def write(f):
+            w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        atomic_write(path, write, binary=False)     # a crash now keeps the old log, not half of it
+        self.file = open(path, "a", newline="")
         self.csv = csv.DictWriter(self.file, CSV_FIELDS)
-        self.csv.writeheader()
-        self.csv.writerows(rows)
         with contextlib.suppress(ImportError):
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(os.path.dirname(path), "tb"), purge_step=step)
@@ -295,7 +316,7 @@ class RunLog:
 # runtime.model_from_checkpoint turns one back into a DiT.
 
 CHECKPOINT_FORMAT = "dit-checkpoint"
-CHECKPOINT_VERSION = 2          # 2 added the checksum; version 1 files still load, unchecked
+CHECKPOINT_VERSION = 2          # version 2 carries the checksum; version 1 files (without one) still load
 
 
 def config_dict(config):
@@ -340,7 +361,8 @@ def load_checkpoint(path, map_location="cpu"):
     import torch
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path} does not exist; pass the ckpt.pt written by train.py")
+        what = "is not a regular file" if os.path.exists(path) else "does not exist"
+        raise UserError(f"checkpoint {path} {what}; pass the ckpt.pt written by train.py")
     try:
         with warnings.catch_warnings():      # torch warns about foreign pickle protocols before refusing them
             warnings.simplefilter("ignore")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError, atomic_write
+from cli import DiskFull, UserError, atomic_write
 
 
 class DataError(UserError):
@@ -84,25 +84,26 @@ def cache_dir(name: str) -> Path:
 
 def download(name: str, filename: str, folder: Path, md5: str) -> Path:
     """Fetch filename from the first mirror that serves the right bytes; written atomically so no half file stays."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target, tmp = folder / filename, folder / f"{filename}.part{os.getpid()}"  # pid: parallel runs don't collide
-    last_error = "no mirror"
-    for mirror in MIRRORS[name]:
-        try:
-            with urllib.request.urlopen(mirror + filename, timeout=30) as response, open(tmp, "wb") as f:
+    target, last_error = folder / filename, "no mirror"
+
+    def fetch(url):
+        def write(f):
+            with urllib.request.urlopen(url, timeout=30) as response:
                 digest = hashlib.md5()
                 while chunk := response.read(1 << 20):
                     digest.update(chunk)
                     f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            if digest.hexdigest() != md5:
+            if digest.hexdigest() != md5:      # raised inside the write: the temp file is dropped
                 raise OSError(f"md5 {digest.hexdigest()} != expected {md5}")
-            os.replace(tmp, target)
+        return write
+    for mirror in MIRRORS[name]:
+        try:
+            atomic_write(target, fetch(mirror + filename))
             return target
+        except DiskFull:
+            raise
         except Exception as e:  # any mirror failure (HTTP, DNS, timeout, bad bytes): try the next one
             last_error = f"{mirror + filename}: {e}"
-    tmp.unlink(missing_ok=True)
     wanted = "the extracted cifar-10-batches-py" if name == "cifar10" else "the four IDX .gz files"
     raise DataError(f"could not download {name} file {filename} ({last_error}); pass --data-dir with a folder of "
                     f"{wanted}")
@@ -388,6 +389,11 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float() + 1) * 127.5).clamp(0, 255).round().byte()
 
 
+def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Largest difference of two image batches in [-1, 1], in grey levels of 255: as floats and as saved (uint8)."""
+    return {"float": (a - b).abs().max().item() * 127.5, "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
+
+
 def image_grid(images, nrow=8, padding=2):
     """Tile (N, C, H, W) images in [-1, 1] into one PIL image, nrow images per row, black padding."""
     x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()                # (N, H, W, C)
@@ -423,9 +429,9 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 def parse_labels(text, class_names):
     """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class indices, class names (case-insensitive) and, for
-    digit datasets, English number words; separators are spaces and commas."""
+    digit datasets (classes named "0", "1", ...), English number words; separators are spaces and commas."""
     lookup = {name.lower(): i for i, name in enumerate(class_names)}
-    if len(class_names) <= len(DIGIT_WORDS):
+    if class_names == [str(i) for i in range(len(class_names))] and len(class_names) <= len(DIGIT_WORDS):
         lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
     labels = []
     for token in text.replace(",", " ").split():

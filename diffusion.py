@@ -285,7 +285,7 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- samplers
 
     def sample(self, model_fn, shape, y, *, sampler="ddim", steps=50, cfg_scale=1.0, null_class=None,
-               eta=0.0, clip_x0=True, thresholding=False, noise=None, generator=None, device="cpu"):
+               eta=0.0, thresholding=False, noise=None, generator=None, device="cpu"):
         """Draw images for labels y with one of SAMPLERS over `steps` evenly spaced timesteps.
 
         All samplers share this loop: call the (guided) network, turn its output into x0, then take
@@ -307,10 +307,7 @@ class GaussianDiffusion:
             i_t = torch.full((shape[0],), i, dtype=torch.long, device=device)
             out = fn(x, process.timestep_map.to(device)[i_t], y).float()
             x0, var_values = process.split_output(out, x, i_t)
-            if thresholding:
-                x0 = dynamic_threshold(x0)
-            elif clip_x0:
-                x0 = x0.clamp(-1, 1)
+            x0 = dynamic_threshold(x0) if thresholding else x0.clamp(-1, 1)     # the data lives in [-1, 1]
             if sampler == "ddpm":
                 x = process.ddpm_step(x, x0, var_values, i_t, None if i == 0 else randn())
             elif sampler == "ddim":

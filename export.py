@@ -70,7 +70,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402  (imported after the flags on purpose)
 import torch.nn as nn  # noqa: E402
 
-from data import to_uint8  # noqa: E402
+from data import pixel_difference  # noqa: E402
 from runtime import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,  # noqa: E402
                      model_from_checkpoint, trt_logger, trt_unavailable_reason, write_sidecar)
 
@@ -90,6 +90,15 @@ def export_onnx(module, path, example, opset):
                           dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
                           opset_version=opset, dynamo=True, verbose=False,
                           external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit: weights in .onnx.data
+
+
+def move_into_place(path, target):
+    """fsync a checked file (and its external weights `.data`, if any) and rename it to its final name."""
+    for suffix in (".data", ""):                # the weights first: a graph never points at missing ones
+        if os.path.isfile(path + suffix):
+            with open(path + suffix, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(path + suffix, target + suffix)
 
 
 def graph_summary(path):
@@ -168,11 +177,6 @@ def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, devi
     shape = (num, config.in_channels, config.image_size, config.image_size)
     return diffusion.sample(fn, shape, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
                             null_class=config.null_class, generator=g, device=device)
-
-
-def pixel_difference(a, b):
-    """Largest difference of two image batches in [-1, 1], in 0-255 pixel units (float and uint8)."""
-    return {"float": (a - b).abs().max().item() * 127.5, "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
 
 
 def fp16_headroom(model, diffusion, config, steps, seed):
@@ -341,7 +345,7 @@ def main(argv=None):
                   f"pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
 
         for name, r in results.items():
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+            move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name))
             write_sidecar(os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
@@ -356,9 +360,10 @@ def main(argv=None):
         return
     onnx_path = os.path.join(out_dir, "model_fp16.onnx")
     engine_path, cache_path = os.path.join(out_dir, "model_fp16.engine"), os.path.join(out_dir, "model_fp16.timing.cache")
+    new_engine = os.path.join(out_dir, ".model_fp16.engine.unchecked")    # becomes the engine once checked
     batches = (1, 2 * args.batch_size, args.max_batch)
     start = time.time()
-    version = build_engine(onnx_path, engine_path, cache_path, chw, batches, args.opt_level, args.workspace_gb)
+    version = build_engine(onnx_path, new_engine, cache_path, chw, batches, args.opt_level, args.workspace_gb)
     print(f"model_fp16.engine: TensorRT {version}, profile min/opt/max batch {batches}, "
           f"opt level {args.opt_level}, built in {time.time() - start:.0f} s")
     engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": "model_fp16.onnx",
@@ -368,18 +373,23 @@ def main(argv=None):
                                "opt_is": f"2 x --batch-size {args.batch_size}: guidance doubles the sampling batch"},
                    "builder_optimization_level": args.opt_level}
 
-    # The engine against the PyTorch model on the same GPU, before its sidecar makes it usable.
-    model = model.cuda()
-    torch_fn, trt_fn = TorchBackend(model), TrtBackend(engine_path, meta=engine_meta)
-    rows = parity(torch_fn, trt_fn, config, diffusion.num_timesteps, seed=args.seed)
-    print_parity("TRT fp16 vs torch", rows)
-    check_tolerance(rows, "fp16", "model_fp16.engine")
-    reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
-    images = fixed_seed_sample(trt_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
-    ddim = pixel_difference(reference.cpu(), images.cpu())
-    print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: engine vs PyTorch largest pixel "
-          f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
-    write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
+    try:
+        # The engine against the PyTorch model on the same GPU, before it and its sidecar replace an earlier one.
+        model = model.cuda()
+        torch_fn, trt_fn = TorchBackend(model), TrtBackend(new_engine, meta=engine_meta)
+        rows = parity(torch_fn, trt_fn, config, diffusion.num_timesteps, seed=args.seed)
+        print_parity("TRT fp16 vs torch", rows)
+        check_tolerance(rows, "fp16", "model_fp16.engine")
+        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
+        images = fixed_seed_sample(trt_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
+        ddim = pixel_difference(reference.cpu(), images.cpu())
+        print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: engine vs PyTorch largest pixel "
+              f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+        move_into_place(new_engine, engine_path)
+        write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
+    finally:
+        if os.path.exists(new_engine):     # a failed check leaves no engine behind
+            os.remove(new_engine)
     print(f"wrote {engine_path} (+ .json) and {cache_path}")
 
 

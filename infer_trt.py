@@ -48,7 +48,7 @@ if __name__ == "__main__":
 
 import torch  # noqa: E402  (imported after the flags on purpose)
 
-from data import save_grid, to_uint8, write_label_table  # noqa: E402
+from data import pixel_difference, save_grid, write_label_table  # noqa: E402
 from diffusion import GaussianDiffusion  # noqa: E402
 from runtime import (TorchBackend, check_sidecar, choose_labels, configs_from_checkpoint, draw_samples,  # noqa: E402
                      model_from_checkpoint, open_backend, trt_unavailable_reason)
@@ -60,6 +60,9 @@ def choose_backend(args):
     if given is None:
         raise UserError("no model given; pass --engine FILE.engine, --onnx FILE.onnx or --ckpt ckpt.pt "
                         "(export.py writes the first two)")
+    for flag, path in (("--engine", args.engine), ("--onnx", args.onnx), ("--ckpt", args.ckpt)):
+        if path and not os.path.isfile(path):
+            raise UserError(f"{flag} {path} does not exist; export.py writes the engine and the ONNX files")
     folder = os.path.dirname(os.path.abspath(given))
     engine = args.engine or os.path.join(folder, ENGINE_NAME)
     onnx_path = args.onnx or os.path.join(folder, ONNX_NAME)
@@ -75,7 +78,7 @@ def choose_backend(args):
             raise UserError(f"nothing to run: {onnx_path} does not exist and the engine needs TensorRT "
                             f"({no_trt or 'the engine file is missing'}); pass --onnx or --ckpt")
         if args.engine and backend != "trt":
-            print(f"note: not using the engine ({no_trt or 'TensorRT is available'}); backend {backend}")
+            print(f"note: not using the engine ({no_trt}); backend {backend}", file=sys.stderr)
     return backend, {"trt": engine, "ort": onnx_path, "torch": args.ckpt}[backend]
 
 
@@ -148,10 +151,9 @@ def main(argv=None):
         model, _, _, _ = model_from_checkpoint(checkpoint_for(args, fn.meta, path), pick_device(args.device),
                                                use_ema=weights == "ema")
         ref_images, _, ref_seconds, ref_ms = run_sampler(TorchBackend(model), diffusion, model_config, class_names, args)
-        diff_float = (images - ref_images).abs().max().item() * 127.5
-        diff_uint8 = int((to_uint8(images).int() - to_uint8(ref_images).int()).abs().max())
+        diff = pixel_difference(images, ref_images)
         print(f"torch on {next(model.parameters()).device}: {ref_seconds:.2f} s, {ref_ms:.2f} ms per network call")
-        print(f"largest pixel difference {backend} vs torch: {diff_float:.3f} / 255 (uint8: {diff_uint8}); "
+        print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 (uint8: {diff['uint8']}); "
               f"speed-up {ref_ms / max(ms, 1e-9):.2f}x per call")
 
 

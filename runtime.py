@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -44,8 +45,8 @@ IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t,
 
 def configs_from_checkpoint(ckpt, path="checkpoint"):
     """Rebuild (DiTConfig, DiffusionConfig) from the dicts stored in a checkpoint (or an export sidecar)."""
-    # Files written before the model config became the one home of learn_sigma also carry it in the
-    # diffusion config (the diffusion now reads it off the network's output channels).
+    # A learn_sigma key in the diffusion config is ignored: the model config decides it, and the diffusion
+    # reads it off the network's output channels.
     try:
         diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
         return DiTConfig(**ckpt["model_config"]), DiffusionConfig(**diffusion)
@@ -110,7 +111,7 @@ class TorchBackend:
 # ----------------------------------------------------------------------------------------------
 
 SIDECAR_FORMAT = "dit-export"
-SIDECAR_VERSION = 2            # 2 added the sidecar's own checksum
+SIDECAR_VERSION = 2            # version 2 carries the sidecar's own checksum
 
 
 def sidecar_path(artifact):
@@ -123,11 +124,18 @@ def sidecar_sha256(meta):
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
+def artifact_sha256(artifact):
+    """SHA-256 of an exported file, and of its external weights (`<file>.data`) when it has them."""
+    digest = file_sha256(artifact)
+    data = os.fspath(artifact) + ".data"
+    return digest + ("+" + file_sha256(data) if os.path.isfile(data) else "")
+
+
 def write_sidecar(artifact, meta):
     """Write `<artifact>.json`: meta, the artifact's hash (a file swapped after export is refused) and the
     sidecar's own checksum (so are hand-edited configs or class names, which would sample wrong images)."""
     meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "artifact": os.path.basename(artifact),
-            "artifact_sha256": file_sha256(artifact), **meta}
+            "artifact_sha256": artifact_sha256(artifact), **meta}
     meta["sidecar_sha256"] = sidecar_sha256(meta)
     atomic_write(sidecar_path(artifact), lambda f: json.dump(meta, f, indent=1), binary=False)
     return meta
@@ -155,16 +163,16 @@ def load_sidecar(artifact):
     return meta
 
 
-def current_gpu_name():
-    """Name of CUDA device 0, or None without a GPU (engines are tied to the GPU they were built on)."""
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+def current_gpu_name(device="cuda"):
+    """Name of a CUDA device, or None without a GPU (engines are tied to the GPU they were built on)."""
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
 
 
-def check_sidecar(meta, artifact, ckpt_path=None, ckpt=None, gpu_name=None):
-    """Refuse an artifact that changed after export, comes from another checkpoint, or (engines) another GPU.
-    ckpt_path: compare hashes; ckpt: the loaded checkpoint dict, compare configs; gpu_name: this machine's GPU."""
+def check_sidecar(meta, artifact, ckpt_path=None, gpu_name=None):
+    """Refuse an artifact that changed after export, comes from another checkpoint (ckpt_path: its hash is
+    compared) or, for an engine, was built on another GPU (gpu_name: the GPU it is about to run on)."""
     artifact = os.fspath(artifact)
-    if file_sha256(artifact) != meta.get("artifact_sha256"):
+    if artifact_sha256(artifact) != meta.get("artifact_sha256"):
         raise UserError(f"{artifact} differs from the file its sidecar describes (replaced after export?); "
                         f"rerun export.py")
     source = meta.get("checkpoint", {})
@@ -175,10 +183,6 @@ def check_sidecar(meta, artifact, ckpt_path=None, ckpt=None, gpu_name=None):
             raise UserError(f"{artifact} was exported from checkpoint {source.get('path')} "
                             f"(sha256 {str(source.get('sha256'))[:12]}), not from {ckpt_path} "
                             f"(sha256 {digest[:12]}); {fix}")
-    if ckpt is not None:
-        for key in ("model_config", "diffusion_config"):
-            if ckpt.get(key) != meta.get(key):
-                raise UserError(f"{artifact} was exported with another {key} than the checkpoint's; {fix}")
     built_on = (meta.get("gpu") or {}).get("name")
     if meta.get("kind") == "engine" and gpu_name is not None and built_on != gpu_name:
         raise UserError(f"{artifact} was built for GPU {built_on!r}, this machine has {gpu_name!r}; "
@@ -205,11 +209,11 @@ class OrtBackend:
     """An ONNX file in ONNX Runtime; numpy I/O converted from/to torch. CUDA EP when available.
     The sidecar is checked (against ckpt_path / ckpt when given) unless meta, an already checked one, is passed."""
 
-    def __init__(self, onnx_path, providers=None, ckpt_path=None, ckpt=None, meta=None, session_options=None):
+    def __init__(self, onnx_path, providers=None, ckpt_path=None, meta=None, session_options=None):
         import onnxruntime as ort
         if meta is None:
             meta = load_sidecar(onnx_path)
-            check_sidecar(meta, onnx_path, ckpt_path, ckpt)
+            check_sidecar(meta, onnx_path, ckpt_path)
         self.meta, self.name, self.device = meta, "ort", torch.device("cpu")
         if providers is None:
             available = ort.get_available_providers()
@@ -331,17 +335,21 @@ class TrtBackend:
     cuda_graph=True replays each batch size as one CUDA graph (CudaGraphs): the sampler repeats the same
     call 10-1000 times, so one graph launch replaces TensorRT's per-call kernel launches. A graph bakes in
     every address and shape, so each batch size gets its own execution context bound to its buffers.
-    The sidecar is checked (checkpoint, GPU) unless meta, an already checked one, is passed."""
+    The sidecar is checked (checkpoint, GPU) unless meta, an already checked one, is passed. TensorRT works
+    on the current CUDA device, so everything of the engine is made with `device` current."""
 
-    def __init__(self, engine_path, cuda_graph=False, ckpt_path=None, ckpt=None, meta=None):
+    def __init__(self, engine_path, cuda_graph=False, ckpt_path=None, meta=None, device="cuda"):
+        self.device = torch.device(device)
         if meta is None:
             meta = load_sidecar(engine_path)
-            check_sidecar(meta, engine_path, ckpt_path, ckpt, gpu_name=current_gpu_name())
+            gpu = current_gpu_name(self.device) if self.device.type == "cuda" else None
+            check_sidecar(meta, engine_path, ckpt_path, gpu_name=gpu)
+        if self.device.type != "cuda":
+            raise UserError(f"TensorRT runs on a CUDA GPU, not on {self.device}; pass --device cuda or cuda:N")
         trt = import_tensorrt()
         self.meta, self.name = meta, "trt"
-        self.device = torch.device("cuda")
         self.runtime = trt.Runtime(trt_logger(trt))        # must outlive the engine
-        with open(engine_path, "rb") as f:
+        with open(engine_path, "rb") as f, torch.cuda.device(self.device):
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
             raise UserError(f"TensorRT {trt.__version__} cannot load {engine_path} (built with another TensorRT "
@@ -352,8 +360,9 @@ class TrtBackend:
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in IO_NAMES}
         low, _, high = self.engine.get_tensor_profile_shape("x", 0)      # (min, opt, max) shapes of x
         self.meta = {**meta, "profile": {**meta.get("profile", {}), "min": low[0], "max": high[0]}}
-        self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()                  # TensorRT syncs more on the default stream
+        with torch.cuda.device(self.device):
+            self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream()              # TensorRT syncs more on the default stream
         self.graphs = CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1) if cuda_graph else None
 
     def _bind(self, context, x, t, y):
@@ -373,7 +382,8 @@ class TrtBackend:
 
     def _prepare_graph(self, x, t, y):
         """For CudaGraphs: a new execution context bound to this batch size's static buffers."""
-        context = self.engine.create_execution_context()
+        with torch.cuda.device(self.device):
+            context = self.engine.create_execution_context()
         out = self._bind(context, x, t, y)
 
         def run():
@@ -384,11 +394,16 @@ class TrtBackend:
     def __call__(self, x, t, y):
         check_profile(self.meta, x.shape[0])
         x, t, y = (v.to(self.device, self.dtypes[n]).contiguous() for n, v in (("x", x), ("t", t), ("y", y)))
+        with torch.cuda.device(self.device):
+            return self._call(x, t, y)
+
+    def _call(self, x, t, y):
         if self.graphs is not None:
             try:
                 return self.graphs(x, t, y).float()
             except RuntimeError as e:      # e.g. an engine that syncs inside enqueue (weight streaming)
-                print(f"warning: CUDA graph capture of the engine failed ({str(e)[:120]}); running without graphs")
+                print(f"warning: CUDA graph capture of the engine failed ({str(e)[:120]}); running without graphs",
+                      file=sys.stderr)
                 self.graphs = None
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)                      # inputs were written on the main stream
@@ -409,7 +424,7 @@ def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
     EMA weights). ckpt_path, when given, must be the checkpoint the file was exported from (its sidecar is
     checked). The backend's .meta (sidecar or checkpoint) holds the configs and class names."""
     if name == "trt":
-        return TrtBackend(path, cuda_graph=cuda_graph, ckpt_path=ckpt_path)
+        return TrtBackend(path, cuda_graph=cuda_graph, ckpt_path=ckpt_path, device=device)
     if name == "ort":
         return OrtBackend(path, ckpt_path=ckpt_path)
     if name == "torch":

@@ -28,7 +28,7 @@ import sys
 import time
 
 from cli import (ArgumentParser, DiskFull, Progress, RunLock, RunLog, StopFlag, UserError, config_dict, disk_full,
-                 fraction, load_checkpoint, nonnegative_float, nonnegative_int, pick_device, positive_float,
+                 fraction, has_fast_bf16, load_checkpoint, nonnegative_float, nonnegative_int, pick_device, positive_float,
                  positive_int, run_cli, save_checkpoint)
 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
@@ -160,8 +160,7 @@ def rng_states(world, device):
 def pick_amp(flag, device):
     """-> (autocast dtype or None, use GradScaler)."""
     if flag == "auto":
-        # bf16 needs Ampere (compute capability 8) or newer; is_bf16_supported() also counts emulation (T4)
-        flag = "off" if device.type != "cuda" else ("bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+        flag = "off" if device.type != "cuda" else ("bf16" if has_fast_bf16(device) else "fp16")
     if flag == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA GPU; use --amp bf16 or off on CPU")
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[flag], flag == "fp16"
@@ -267,35 +266,40 @@ def build(args, config, rank, device):
     amp_dtype, use_scaler = pick_amp(args.amp, device)
     return amp_dtype, {
         "model": model, "ema": copy.deepcopy(model).eval().requires_grad_(False),
-        "optimizer": torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0),
+        "optimizer": make_optimizer(model, args.lr),
         "scaler": torch.amp.GradScaler("cuda") if use_scaler else None,
         "data_gen": torch.Generator(device).manual_seed(args.seed)}
 
 
-def wrap(model, args, world, device):
+def make_optimizer(model, lr):
+    """AdamW with betas (0.9, 0.99) and no weight decay (as the official DiT: plain Adam on the weights)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def wrap(model, compile, world, device):
     """The module that trains: DDP around the model under torchrun, torch.compile with --compile. Both share
     the model's parameters, and the plain `model` is what is saved."""
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:    # fallback_random: label dropout draws the random numbers eager PyTorch would
+    if compile:         # fallback_random: label dropout draws the random numbers eager PyTorch would
         net = torch.compile(net, options={"fallback_random": True})
     return net
 
 
 def resume(args, ckpt_path, state, configs, rank, device, say):
-    """--resume PATH or auto (OUT/ckpt.pt if it exists): load it into state -> (step, wall time so far).
+    """--resume PATH or auto (OUT/ckpt.pt if it exists): load it into state -> (step, wall time so far, path).
     Its configs must equal the flags' ones: argparse cannot tell a default from a typed flag, so silently
     taking the checkpoint's could ignore one."""
     path = ckpt_path if args.resume == "auto" else args.resume
-    if args.resume is None and os.path.exists(ckpt_path):
+    if os.path.exists(ckpt_path) and not (path and os.path.exists(path) and os.path.samefile(path, ckpt_path)):
         raise UserError(f"{ckpt_path} exists: this folder holds a run; continue it with --resume auto, or pass "
                         f"another --out for a new one")
     if args.resume == "auto" and not os.path.exists(ckpt_path):
         say(f"--resume auto: no {ckpt_path} yet, starting a new run")
         path = None
     if not path:
-        return 0, 0.0
+        return 0, 0.0, None
     ckpt = load_checkpoint(path)
     missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
     if missing:
@@ -317,7 +321,7 @@ def resume(args, ckpt_path, state, configs, rank, device, say):
         torch.cuda.set_rng_state(mine["cuda"], device)
     state["data_gen"].set_state(ckpt["rng"]["data"])
     say(f"resumed {path} at step {ckpt['step']}")
-    return ckpt["step"], ckpt.get("wall_time_s", 0.0)
+    return ckpt["step"], ckpt.get("wall_time_s", 0.0), path
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,11 +338,11 @@ def train(args, out, rank, world, device):
     diffusion, (amp_dtype, state) = GaussianDiffusion(diff_config), build(args, config, rank, device)
     model, ema, optimizer, scaler, data_gen = (state[k] for k in ("model", "ema", "optimizer", "scaler", "data_gen"))
     configs = {"model": config_dict(config), "diffusion": config_dict(diff_config)}
-    step, wall_before = resume(args, ckpt_path, state, configs, rank, device, say)
+    step, wall_before, resumed = resume(args, ckpt_path, state, configs, rank, device, say)
     if step >= args.steps:
         say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
         return None
-    net = wrap(model, args, world, device)
+    net = wrap(model, args.compile, world, device)
     say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, {args.dataset} "
         f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype or 'off'} -> {out}")
 
@@ -352,17 +356,16 @@ def train(args, out, rank, world, device):
                 "scaler": scaler.state_dict() if scaler else None, "step": step_done, "wall_time_s": wall,
                 "rng": {"data": data_gen.get_state(), "ranks": states}, "class_names": ds.class_names,
                 "dataset": args.dataset, "args": vars(args)})
-        return step_done
 
-    stop, last_ckpt = StopFlag(), step or None                  # a resumed run starts at its checkpoint
-    last_good = lambda: f"{ckpt_path} (step {last_ckpt})" if last_ckpt is not None else "none was written yet"
-    log = RunLog(log_path, step) if master else None
+    stop, last_good = StopFlag(), f"{resumed} (step {step})" if resumed else "none was written yet"
+    log = None
     limit = 60 * args.max_minutes - (time.time() - t_start) if args.max_minutes else None
-    progress = Progress(args.steps, "step ", start=step, time_limit=limit, file=sys.stdout) if master else None
+    progress = Progress(args.steps, "step ", time_limit=limit, file=sys.stdout) if master else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     B, local = args.batch_size, slice(rank, None, world)
     losses, skipped, t_log, note = [], 0, time.time(), ""       # since the last log row
     try:
+        log = RunLog(log_path, step) if master else None
         # ======================================= the loop =======================================
         while step < args.steps:
             # the global batch, drawn identically on every rank; this rank keeps rows rank::world
@@ -385,7 +388,7 @@ def train(args, out, rank, world, device):
             bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
             bad, stopping = over_ranks([bad, stop.signum is not None or timed_out], "max", world, device)
             if bad:
-                raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {last_good()}; "
+                raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {last_good}; "
                                 f"lower --lr or use --amp off")
             losses += [loss_value] if math.isfinite(loss_value) else []
             end, wall, logging = stopping or step == args.steps, wall_before + time.time() - t_start, False
@@ -404,7 +407,8 @@ def train(args, out, rank, world, device):
                 sample_grid(ema, diffusion, config, device, os.path.join(out, "samples", f"step_{step:07d}.png"),
                             args.sample_cfg)
             if end or (args.ckpt_every and step % args.ckpt_every == 0):
-                last_ckpt = save(step, wall)
+                save(step, wall)
+                last_good = f"{ckpt_path} (step {step})"
             t_log += time.time() - t_pause
             if stopping:
                 break
@@ -412,12 +416,13 @@ def train(args, out, rank, world, device):
     except Exception as e:
         if not disk_full(e):
             raise
-        raise DiskFull(f"no space left on the disk of {out}; last good checkpoint: {last_good()}; free some space, "
+        raise DiskFull(f"no space left on the disk of {out}; last good checkpoint: {last_good}; free some space, "
                        f"then --resume auto") from None
     finally:
         stop.restore()
         if master:
             progress.close()
+        if log:
             log.close()
     why = {None: "done", signal.SIGINT: "stopped by SIGINT", signal.SIGTERM: "stopped by SIGTERM"}[stop.signum]
     if stop.signum is None and step < args.steps:
@@ -444,8 +449,8 @@ def main(argv=None):
     except RuntimeError as e:                # a collective whose peer stopped answering (timeout) or died
         if world > 1 and re.search(r"timed out|connection (closed|reset)|broken pipe", str(e), re.IGNORECASE):
             raise UserError(f"rank {rank}: another DDP process stopped answering for {args.ddp_timeout:g} s "
-                            f"(--ddp-timeout) or died; the run stopped: --resume auto continues it from its last "
-                            f"checkpoint") from None
+                            f"(--ddp-timeout) or died; the run stopped: --resume auto continues it from "
+                            f"{os.path.join(out, 'ckpt.pt')}") from None
         raise
     finally:
         if world > 1 and dist.is_initialized():

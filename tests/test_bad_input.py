@@ -369,3 +369,17 @@ def test_choices_spelled_out_for_fast_flags_match_the_code():
     assert choices["loss_weight"] == diffusion.LOSS_WEIGHTS
     assert choices["dataset"] == data.DATASETS and cli.SAMPLERS == diffusion.SAMPLERS
     assert set(infer_trt.BACKENDS) == {"trt", "ort", "torch"} and evaluate.CLASSIFIER == mnist_cnn.CLASSIFIER_PATH
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["score", "--npz", "/dev/null"], "cannot read /dev/null"),
+    (["table", "--ckpt", "x.pt", "--cfg-scales", "2,a"], "argument --cfg-scales: expected a number >= 0, got 'a'"),
+    (["score", "--npz", "x.npz", "--cfg-scale", "nan"], "argument --cfg-scale: must be a number >= 0, got nan"),
+])
+def test_evaluate_bad_input_is_one_line(capsys, monkeypatch, argv, words):
+    import evaluate
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+    with pytest.raises(SystemExit) as e:
+        cli.run_cli(lambda: evaluate.main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and words in err, err

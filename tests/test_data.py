@@ -353,3 +353,11 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     assert not marker.exists()
     (tmp_path / "c" / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))  # allowed types, wrong shape
     assert_data_error(lambda: load_dataset("cifar10", str(tmp_path / "c"), split="test"), "test_batch")
+
+
+def test_number_words_only_for_digit_classes():
+    digits, fashion = [str(i) for i in range(10)], data.CLASS_NAMES["fashion-mnist"]
+    assert data.parse_labels("7 seven 3, three", digits) == [7, 7, 3, 3]
+    assert data.parse_labels("trouser Bag 1", fashion) == [1, 8, 1]
+    with pytest.raises(data.UserError, match="unknown label 'one'"):
+        data.parse_labels("one", fashion)                  # not "Trouser": the words are digits' names

@@ -17,7 +17,7 @@ from dit import DiT, DiTConfig
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_bf16 = pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability()[0] < 8,
+needs_bf16 = pytest.mark.skipif(not CUDA or not cli.has_fast_bf16("cuda"),
                                 reason="needs a CUDA GPU with bf16 (compute capability 8 or newer)")
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "32", "--device", "cuda",
         "--data-dir", MNIST, "--sample-every", "0"]

@@ -200,7 +200,12 @@ def test_a_new_run_does_not_overwrite_an_old_one(tmp_path):
     train.main([*TINY, "--steps", "2", "--out", out])
     with pytest.raises(cli.UserError, match="ckpt.pt exists: this folder holds a run; continue it with --resume auto"):
         train.main([*TINY, "--steps", "4", "--out", out])
-    assert load(out)["step"] == 2
+    other = str(tmp_path / "other")
+    train.main([*TINY, "--steps", "1", "--out", other])
+    with pytest.raises(cli.UserError, match="this folder holds a run"):          # resuming another run into it
+        train.main([*TINY, "--steps", "4", "--out", out, "--resume", os.path.join(other, "ckpt.pt")])
+    train.main([*TINY, "--steps", "3", "--out", out, "--resume", os.path.join(out, "ckpt.pt")])   # its own: fine
+    assert load(out)["step"] == 3
 
 
 def test_resume_refuses_a_damaged_checkpoint_and_survives_a_garbage_log_row(tmp_path):
@@ -213,4 +218,4 @@ def test_resume_refuses_a_damaged_checkpoint_and_survives_a_garbage_log_row(tmp_
     from test_bad_input import flip_a_weight_byte
     flip_a_weight_byte(os.path.join(out, "ckpt.pt"), os.path.join(out, "flipped.pt"))
     with pytest.raises(cli.UserError, match="flipped.pt is damaged"):
-        train.main([*TINY, "--steps", "4", "--out", out, "--resume", os.path.join(out, "flipped.pt")])
+        train.main([*TINY, "--steps", "4", "--out", str(tmp_path / "new"), "--resume", os.path.join(out, "flipped.pt")])

@@ -26,8 +26,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 Progress, atomic_write, config_dict, pick_device, run_cli)
+from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, Progress, UserError,  # noqa: E402
+                 atomic_write, config_dict, nonnegative_float, nonnegative_int, number_list, pick_device,
+                 positive_float, positive_int, run_cli)
 
 
 def parse_args(argv):
@@ -36,22 +37,23 @@ def parse_args(argv):
     a("--preset", default=None, help="a preset of dit.py, e.g. DiT-S/4 (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
     a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
-    a("--batch-sizes", default=None, help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
+    a("--threads", type=positive_int, default=None, help="CPU threads (default: torch's, one per core)")
+    a("--batch-sizes", type=number_list(positive_int), default=None,
+      help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
     a("--backends", default=None, help="comma-separated sampling rows (default: all for the device; eager always)")
     a("--train-backends", default=None, help="comma-separated training rows, or none (default: all)")
-    a("--repeats", type=int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
-    a("--sample-repeats", type=int, default=None, help="interleaved repeats of the digit sampling (default 3)")
-    a("--warmup", type=int, default=None, help="untimed calls per row before timing (default 2)")
-    a("--target-seconds", type=float, default=None, help="length of one timed run of evaluations (default 0.3)")
-    a("--digits", type=int, default=None, help="digits to sample (default 64)")
+    a("--repeats", type=positive_int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
+    a("--sample-repeats", type=positive_int, default=None, help="interleaved repeats of the digit sampling (default 3)")
+    a("--warmup", type=nonnegative_int, default=None, help="untimed calls per row before timing (default 2)")
+    a("--target-seconds", type=positive_float, default=None, help="length of one timed run of evaluations (default 0.3)")
+    a("--digits", type=positive_int, default=None, help="digits to sample (default 64)")
     a("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler of the digit timings (sample.py's default)")
-    a("--steps", type=int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
-    a("--cfg-scale", type=float, default=DEFAULT_CFG, help="guidance scale of the digit timings (sample.py's default)")
+    a("--steps", type=positive_int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
+    a("--cfg-scale", type=nonnegative_float, default=DEFAULT_CFG, help="guidance scale of the digit timings (sample.py's default)")
     a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
       help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
     a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
-    a("--train-batch", type=int, default=None, help="training batch (default 128)")
+    a("--train-batch", type=positive_int, default=None, help="training batch (default 128)")
     a("--onnx", default=None, help="fp32 ONNX of the same weights for the ort row (default: export one)")
     a("--trt-engine", default=None, help="TensorRT engine from export.py (same --ckpt) for the trt row")
     a("--json", default=None, help="also write the results here as JSON")
@@ -61,13 +63,10 @@ def parse_args(argv):
                     train_batch=128)
     if args.quick:
         defaults.update(repeats=2, sample_repeats=1, warmup=1, target_seconds=0.01, digits=8, steps=4, train_batch=8,
-                        batch_sizes="4")
+                        batch_sizes=[4])
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("repeats", "sample_repeats", "digits", "steps", "train_batch"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -82,6 +81,7 @@ from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
 from export import export_onnx  # noqa: E402
 from runtime import OrtBackend, TrtBackend, model_from_checkpoint  # noqa: E402
+import train  # noqa: E402
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
@@ -118,7 +118,7 @@ def sampling_backends(device, low, onnx_path, trt_engine, ckpt):
 def training_backends(device, low):
     """name -> (factory(model) -> (model call, optimizer), precision, changes numerics?)."""
     lp = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(low)
-    adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0)
+    adamw = lambda m: train.make_optimizer(m, lr=1e-3)                  # train.py's optimizer
     rows = {"eager": (lambda m: (m, adamw(m)), "fp32", False),
             "compile": (lambda m: (speedups.training_fn(m), adamw(m)), "fp32", False)}
     if lp:
@@ -222,11 +222,8 @@ def bench_training(makers, model, diffusion, args, device, sync):
         net = copy.deepcopy(model).train()
         fn, opt = make(net)
 
-        def step(fn=fn, opt=opt, net=net, x0=x0, y=y):
-            opt.zero_grad(set_to_none=True)
-            diffusion.training_loss(fn, x0, y)["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+        def step(fn=fn, opt=opt, net=net, x0=x0, y=y):      # train.py's step: backward, clip 1.0, update
+            train.optimizer_step(diffusion.training_loss(fn, x0, y)["loss"], net, opt, None, 1.0)
         sync()
         start = time.perf_counter()
         for _ in range(1 + args.warmup):
@@ -389,7 +386,7 @@ def main(argv=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, diffusion, weights = load_model(args, device)
     preset = "tiny (--quick)" if args.quick else next((k for k, v in PRESETS.items() if v == model.config), "custom")
-    batch_sizes = [int(b) for b in (args.batch_sizes or ("8,64,256" if device.type == "cuda" else "8,64")).split(",")]
+    batch_sizes = args.batch_sizes or ([8, 64, 256] if device.type == "cuda" else [8, 64])
     low = speedups.default_low_precision(device)
     notes, tmp = [], tempfile.TemporaryDirectory(prefix="bench-")
 

@@ -27,7 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 atomic_write, pick_device, positive_int, run_cli)
+                 atomic_write, nonnegative_float, nonnegative_int, number_list, pick_device, positive_float,
+                 positive_int, run_cli)
 
 CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")   # = mnist_cnn.CLASSIFIER_PATH
 DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
@@ -40,8 +41,8 @@ def parse_args(argv):
     p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
     p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--max-shift", type=int, default=2, help="random shifts of +-N pixels (augmentation)")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--max-shift", type=nonnegative_int, default=2, help="random shifts of +-N pixels (augmentation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
     p.add_argument("--out", default=CLASSIFIER, help="where the weights go")
     for name in ("score", "table"):
@@ -53,16 +54,17 @@ def parse_args(argv):
             src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
             p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
             p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-            p.add_argument("--cfg-scale", type=float, default=DEFAULT_CFG, help="classifier-free guidance scale")
+            p.add_argument("--cfg-scale", type=nonnegative_float, default=DEFAULT_CFG, help="classifier-free guidance scale")
             p.add_argument("--per-class", type=positive_int, default=1000, help="samples per class (1000: headline)")
             p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
         else:
             p.add_argument("--per-class", type=positive_int, default=100, help="samples per class unless a row says :N")
             p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],...")
-            p.add_argument("--cfg-scales", default="1.5,2,3,4", help="CFG scales tried besides 1")
+            p.add_argument("--cfg-scales", type=number_list(nonnegative_float), default="1.5,2,3,4",
+                           help="CFG scales tried besides 1")
             p.add_argument("--sweep-at", default="ddim-25", help="setting at which CFG scales are compared")
-            p.add_argument("--margin-fd", type=float, default=0.10, help="relative FD/floor margin of the choice")
-            p.add_argument("--margin-acc", type=float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
+            p.add_argument("--margin-fd", type=nonnegative_float, default=0.10, help="relative FD/floor margin of the choice")
+            p.add_argument("--margin-acc", type=nonnegative_float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
             p.add_argument("--out-md", help="also write the table here")
             p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
                            "interrupted run (same ckpt, backend, seed, batch size)")
@@ -87,7 +89,7 @@ import torch  # noqa: E402
 
 from data import to_uint8  # noqa: E402
 from mnist_cnn import CLASSIFIER_PATH, score_images, train_classifier  # noqa: E402
-from runtime import draw_samples, model_from_checkpoint, open_backend  # noqa: E402
+from runtime import TorchBackend, draw_samples, model_from_checkpoint, open_backend  # noqa: E402
 from speedups import machine_line  # noqa: E402
 
 
@@ -104,14 +106,10 @@ def load_generator(args):
         raise UserError(f"{args.ckpt} is a {ckpt.get('dataset')} model ({cfg.in_channels}x{cfg.image_size}x"
                         f"{cfg.image_size}, {cfg.num_classes} classes); the MNIST classifier scores MNIST models only")
     if args.backend == "torch":
-        def model_fn(x, t, y):
-            with torch.inference_mode():
-                return model(x, t, y)
-    else:   # ONNX Runtime: the exported network behind the same model_fn signature
-        if not args.onnx:
-            raise UserError("--backend ort needs --onnx MODEL.onnx (exported from this checkpoint by export.py)")
-        model_fn = open_backend("ort", args.onnx, ckpt_path=args.ckpt)
-    return model_fn, diffusion, cfg, device
+        return TorchBackend(model), diffusion, cfg, device
+    if not args.onnx:       # ONNX Runtime: the exported network behind the same model_fn signature
+        raise UserError("--backend ort needs --onnx MODEL.onnx (exported from this checkpoint by export.py)")
+    return open_backend("ort", args.onnx, ckpt_path=args.ckpt), diffusion, cfg, device
 
 
 def parse_setting(text):
@@ -152,9 +150,10 @@ def load_npz(path):
     try:
         with np.load(path) as z:
             images, labels = z["images"], z["labels"]
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"cannot read {path} ({str(e).splitlines()[0][:120]}); pass an .npz with arrays "
-                        f"'images' (N, 1, 32, 32) and 'labels' (N,)") from None
+    except Exception as e:                                # missing, empty, not a zip, no such array, ...
+        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
+        raise UserError(f"cannot read {path} ({first}); pass an .npz with arrays 'images' (N, 1, 32, 32) and "
+                        f"'labels' (N,)") from None
     images = torch.from_numpy(images)
     if images.dim() == 3:
         images = images[:, None]                         # (N, H, W) -> (N, 1, H, W)
@@ -233,7 +232,7 @@ def run_table(args):
 
     sampler, steps, per_class = parse_setting(args.sweep_at)
     per_class = per_class or args.per_class
-    for scale in sorted(set([1.0] + [float(s) for s in args.cfg_scales.split(",")])):
+    for scale in sorted(set([1.0] + list(args.cfg_scales))):
         run("sweep", sampler, steps, scale, per_class)
     # Best scale: the lowest FD (FID's convention). Accuracy alone would pick strong guidance, whose
     # near-identical, over-confident digits saturate accuracy while FD (diversity) gets much worse.

@@ -74,7 +74,7 @@ for name in ("tensorrt", "onnxruntime"):
     print(name, "installed" + extra if found else "not installed")
 EOF
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-BF16=$("$PY" -c "import torch; print(int(torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8))" 2>/dev/null || echo 0)
+BF16=$("$PY" -c "import torch, cli; print(int(torch.cuda.is_available() and cli.has_fast_bf16('cuda')))" 2>/dev/null || echo 0)
 TRT=$("$PY" -c "import importlib.util as u, torch; print(int(u.find_spec('tensorrt') is not None and torch.cuda.is_available()))" 2>/dev/null || echo 0)
 
 # 2. The GPU tests

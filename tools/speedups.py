@@ -27,9 +27,10 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+import train
+from cli import has_fast_bf16
 from runtime import CudaGraphs, LowPrecision, TorchBackend
 
-LOW_PRECISION = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,8 +59,8 @@ def default_low_precision(device):
     """The reduced precision worth using on this device, or None where fp32 is the fastest."""
     device = torch.device(device)
     if device.type == "cuda":
-        # bf16 has fp32's exponent range (no overflow in the residual stream); fp16 on pre-Ampere cards.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 has fp32's exponent range (no overflow in the residual stream); fp16 where bf16 is emulated.
+        return torch.bfloat16 if has_fast_bf16(device) else torch.float16
     return torch.bfloat16 if cpu_has_fast_bf16() else None
 
 
@@ -97,18 +98,6 @@ def low_precision_fn(model, dtype):
     return TorchBackend(model, dtype)
 
 
-def autocast_fn(model, dtype):
-    """Eager forward under torch.autocast: matmuls in dtype, weights left in fp32 (re-cast per call)."""
-    model.eval()
-    device_type = next(model.parameters()).device.type
-
-    @torch.no_grad()
-    def fn(x, t, y):
-        with torch.autocast(device_type, dtype=dtype):
-            return model(x, t, y).float()
-    return fn
-
-
 def compiled_fn(model, dtype=None, mode=None, freezing=None):
     """torch.compile of the forward (of a dtype copy when dtype is given): Inductor fuses the elementwise
     work (LayerNorm, modulate, GELU, gates, residual adds) into a few kernels around the matmuls.
@@ -130,7 +119,7 @@ def compiled_fn(model, dtype=None, mode=None, freezing=None):
     @torch.no_grad()
     def fn(x, t, y):
         # Compilation happens inside the call, so the setting is patched around every call: passed as
-        # torch.compile(options={"freezing": True}) it is silently ignored (torch 2.13, measured: addmm stays).
+        # torch.compile(options={"freezing": True}) it is silently ignored (the graph keeps plain addmm).
         with inductor_config.patch(freezing=freezing):
             out = compiled(x.to(in_dtype), t, y).float()
         # reduce-overhead replays CUDA graphs whose output buffer the next call overwrites: keep a copy.
@@ -164,16 +153,9 @@ def cuda_graph_fn(model, dtype=torch.float16):
 # ----------------------------------------------------------------------------------------------
 
 def training_fn(model, compile=True, amp_dtype=None):
-    """The model call for diffusion.training_loss during training, made faster without changing what is
-    learned: torch.compile fuses the elementwise work of forward and backward; the weights, the
-    optimiser and fp32 arithmetic stay as they are.
-
-    fallback_random keeps the label dropout's random draws those of eager PyTorch (Inductor would use
-    its own generator), so a seed gives the same dropped labels compiled or not. amp_dtype (bf16 on
-    GPUs, fp16 with a GradScaler on older ones) adds autocast: faster, but it does change the numerics.
-    Keep saving `model`'s state dict: the returned callable shares its parameters.
-    """
-    net = torch.compile(model, options={"fallback_random": True}) if compile else model
+    """The model call of train.py's loop (train.wrap: torch.compile with --compile, same math and label-dropout
+    draws as eager), plus autocast in amp_dtype as --amp adds it: faster, but it changes the numerics."""
+    net = train.wrap(model, compile, 1, next(model.parameters()).device)
     if amp_dtype in (None, torch.float32):
         return net
     device_type = next(model.parameters()).device.type
