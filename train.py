@@ -34,7 +34,9 @@ from cli import (ArgumentParser, DiskFull, Progress, RunLock, RunLog, StopFlag, 
 GPU_MODEL = "DiT-S/4"        # paper Table 4: patch 4 beats patch 8 at equal parameters
 CPU_MODEL = "DiT-T/4"        # 1.9M parameters: learns MNIST on a laptop CPU in half an hour
 GPU_STEPS, CPU_MINUTES = 30_000, 30   # the default budgets: the lesson's T4 run; half an hour on a CPU
-LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", lr=2e-4, warmup=0, label_dropout=0.2)
+GPU_BATCH, CPU_BATCH = 128, 32        # a CPU's images/s hardly depends on the batch: smaller ones give more steps
+LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", timesteps="uniform", batch_size=128, lr=2e-4, warmup=0,
+                     label_dropout=0.2)
 # The choices of diffusion.py and data.py, spelled out so that flags parse before torch loads (a test
 # keeps them equal).
 PREDICTIONS, TIMESTEP_DRAWS, LOSS_WEIGHTS = ("eps", "x0", "v"), ("uniform", "logit-normal"), ("none", "min-snr", "v-clipped")
@@ -58,7 +60,8 @@ def build_parser():
     a("--data-dir", default=None, help="folder with the dataset files (None: data.py's cache, downloading)")
     a("--image-size", type=positive_int, default=32, help="images are padded or resized to this size")
     a("--channels", type=int, default=None, choices=(1, 3), help="None: the dataset's own")
-    a("--batch-size", type=positive_int, default=128, help="GLOBAL batch, split evenly over DDP ranks")
+    a("--batch-size", type=positive_int, default=None, help=f"GLOBAL batch, split evenly over DDP ranks (None: "
+      f"{GPU_BATCH} on a GPU, {CPU_BATCH} on a CPU)")
     a("--steps", type=positive_int, default=None, help=f"total optimizer steps, a resumed run counts on (None: "
       f"{GPU_STEPS:,} on a GPU; on a CPU as many as fit in --max-minutes {CPU_MINUTES})")
     a("--lr", type=positive_float, default=1e-3, help="AdamW learning rate after the warm-up")
@@ -67,7 +70,7 @@ def build_parser():
     a("--prediction", default="x0", choices=PREDICTIONS, help="what the network predicts (x0: see docstring)")
     a("--schedule", default="linear", choices=("linear", "cosine"), help="noise schedule (DDPM / IDDPM)")
     a("--num-timesteps", type=positive_int, default=1000, help="T, the diffusion's number of steps")
-    a("--timesteps", default="uniform", choices=TIMESTEP_DRAWS, help="how training draws t (diffusion.py)")
+    a("--timesteps", default="logit-normal", choices=TIMESTEP_DRAWS, help="how training draws t (diffusion.py)")
     a("--loss-weight", default="none", choices=LOSS_WEIGHTS, help="weighting of the loss over t (diffusion.py)")
     a("--snr-gamma", type=positive_float, default=5.0, help="the clip of --loss-weight min-snr and v-clipped")
     a("--learn-sigma", action="store_true", help="also learn the variance (IDDPM hybrid loss)")
@@ -212,25 +215,29 @@ def sample_grid(ema, diffusion, config, device, path, cfg_scale):
 # ----------------------------------------------------------------------------------------------
 
 def configure(args, world, device, say):
-    """Threads, TF32, and the defaults that depend on the device: the model and the budget (a CPU gets
-    the small model for half an hour, not the GPU's 30k steps, which would take it most of a day)."""
+    """Threads, TF32, and the defaults that depend on the device: the model, the batch and the budget (a CPU
+    gets the small model at batch 32 for half an hour, not the GPU's 30k steps, most of a day on a CPU)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":                     # TF32 matmuls: free speed where --amp is off
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
     if args.model is not None and args.model not in PRESETS:
         raise UserError(f"unknown --model {args.model!r}; choose one of {', '.join(PRESETS)}")
     cpu, chosen = device.type != "cuda", []
     if cpu and args.model is None:
         chosen.append(f"the CPU model {CPU_MODEL}")
+    if cpu and args.batch_size is None:
+        chosen.append(f"at batch {CPU_BATCH}")
     if cpu and args.steps is None and args.max_minutes is None:
         args.max_minutes, chosen = CPU_MINUTES, chosen + [f"for {CPU_MINUTES} minutes"]
     if chosen:
-        say(f"no CUDA GPU: training {' '.join(chosen)} (the CPU defaults; --model, --steps and --max-minutes choose)")
+        say(f"no CUDA GPU: training {' '.join(chosen)} (the CPU defaults; --model, --batch-size, --steps and "
+            f"--max-minutes choose)")
     args.model = args.model or (GPU_MODEL if device.type == "cuda" else CPU_MODEL)
+    args.batch_size = args.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     args.steps = args.steps or GPU_STEPS
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
 
 
 def run_folder(args):

@@ -163,6 +163,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 def test_lesson_recipe_sets_the_lesson_flags():
     args = train.parse_args(["--lesson-recipe"])
     assert (args.model, args.prediction, args.lr, args.warmup, args.label_dropout) == ("DiT-S/8", "eps", 2e-4, 0, 0.2)
+    assert (args.timesteps, args.batch_size) == ("uniform", 128)
     assert train.parse_args(["--lesson-recipe", "--lr", "1e-4"]).lr == 1e-4    # explicit flags still win
     assert train.parse_args([]).model is None and train.parse_args([]).prediction == "x0"
 
@@ -177,8 +178,8 @@ def test_learning_rate_warms_up_then_stays_constant():
 def test_a_cpu_run_without_a_budget_trains_for_30_minutes(capsys):
     args = train.parse_args(["--device", "cpu"])
     train.configure(args, world=1, device=torch.device("cpu"), say=print)
-    assert (args.model, args.max_minutes, args.steps) == ("DiT-T/4", 30, 30_000)
-    assert "no CUDA GPU: training the CPU model DiT-T/4 for 30 minutes" in capsys.readouterr().out
+    assert (args.model, args.batch_size, args.max_minutes, args.steps) == ("DiT-T/4", 32, 30, 30_000)
+    assert "no CUDA GPU: training the CPU model DiT-T/4 at batch 32 for 30 minutes" in capsys.readouterr().out
     args = train.parse_args(["--steps", "500"])                        # a budget given: nothing added
     train.configure(args, world=1, device=torch.device("cpu"), say=print)
     assert (args.steps, args.max_minutes) == (500, None)
