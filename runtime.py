@@ -207,7 +207,7 @@ _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "ten
 
 class OrtBackend:
     """An ONNX file in ONNX Runtime; numpy I/O converted from/to torch. CUDA EP when available.
-    The sidecar is checked (against ckpt_path / ckpt when given) unless meta, an already checked one, is passed."""
+    The sidecar is checked (against ckpt_path when given) unless meta, an already checked one, is passed."""
 
     def __init__(self, onnx_path, providers=None, ckpt_path=None, meta=None, session_options=None):
         import onnxruntime as ort
