@@ -30,6 +30,12 @@ class UserError(Exception):
     """Bad input from the user (path, file, label, flag); str(e) is one line naming the problem and the fix."""
 
 
+def first_line(error, limit=160):
+    """The first line of an exception's message (or its type's name), cut to `limit` characters."""
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:limit]
+
+
 def run_cli(main):
     """Run a script's main(); a UserError becomes `script: error: message` and exit status 2, not a traceback."""
     try:

@@ -28,13 +28,14 @@ import time
 import warnings
 
 from cli import (DEFAULT_BATCH_SIZE, ArgumentParser, UserError, atomic_write, check_writable, config_dict, file_sha256,
-                 nonnegative_int, positive_int, run_cli)
+                 first_line, nonnegative_int, positive_int, run_cli)
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
 FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
 FP16_MAX = 65504.0      # largest finite fp16
 FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
 OPSETS = (20, 21, 22, 23)
+CHECK_CFG = 2.0        # guidance of the fixed-seed check runs: a doubled batch, as in sampling
 EXPERIMENTAL_OPSET = 23  # emits ONNX Attention nodes, which TensorRT's ONNX importer has handled only recently
 
 
@@ -67,7 +68,8 @@ def parse_args(argv):
 if __name__ == "__main__":
     run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
 
-import torch  # noqa: E402  (imported after the flags on purpose)
+import numpy as np  # noqa: E402  (imported after the flags on purpose)
+import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from data import pixel_difference  # noqa: E402
@@ -107,7 +109,7 @@ def graph_summary(path):
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: {str(e).splitlines()[0][:200]}") from None
+        raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: {first_line(e, 200)}") from None
     model = onnx.load(path, load_external_data=False)
     return len(model.graph.node), collections.Counter(n.op_type for n in model.graph.node)
 
@@ -170,6 +172,27 @@ def check_tolerance(rows, precision, name):
                             f"{r['batch']}: fp16 loses too much for this model; deploy model.onnx (fp32)")
 
 
+def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
+    """The fp16 graph as TensorRT receives it, computed in fp16: onnx's reference runtime evaluates every node
+    with numpy at the graph's declared types, so fp16 nodes compute and round in fp16 (ONNX Runtime's CPU
+    provider upcasts them to fp32). Compared with PyTorch fp32 within FP16_RTOL; inf or NaN fails."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    graph = onnx.load(path)
+    x, t, y = random_inputs(config, num_timesteps, batch, torch.Generator().manual_seed(seed))
+    with np.errstate(over="ignore", invalid="ignore"):           # an overflow is reported below, as inf or NaN
+        values = ReferenceEvaluator(graph).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()},
+                                               intermediate=True)
+    heavy = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    in_fp16 = sum(values[n.output[0]].dtype == np.float16 for n in heavy)
+    out = torch.from_numpy(values["out"])
+    if not torch.isfinite(out).all():
+        raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for this "
+                        f"model; deploy model.onnx (fp32)")
+    row = {"batch": batch, **errors(reference(x, t, y), out), "matmuls_in_fp16": f"{in_fp16}/{len(heavy)}"}
+    return row
+
+
 def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
     """A short deterministic DDIM run (eta 0): the same seed gives the same noise on every backend."""
     labels = (torch.arange(num) + seed) % config.num_classes
@@ -179,6 +202,23 @@ def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, devi
                             null_class=config.null_class, generator=g, device=device)
 
 
+def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed, device="cuda"):
+    """The engine against the PyTorch model on the same GPU, only at batch sizes its profile [1, max_batch]
+    accepts: parity at batch 1, 7 and max_batch, and a guided fixed-seed DDIM run of up to 8 digits
+    (guidance doubles the batch, so max_batch // 2 at most). Returns (parity rows, pixel difference)."""
+    batches = sorted({1, min(7, max_batch), max_batch})
+    rows = parity(torch_fn, engine_fn, config, diffusion.num_timesteps, batch_sizes=batches, seed=seed)
+    print_parity("TRT fp16 vs torch", rows)
+    check_tolerance(rows, "fp16", "model_fp16.engine")
+    num = min(8, max_batch // 2)
+    reference = fixed_seed_sample(torch_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
+    images = fixed_seed_sample(engine_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
+    ddim = pixel_difference(reference.cpu(), images.cpu())
+    print(f"  DDIM {steps} steps, CFG {CHECK_CFG:g}, seed {seed}, {num} images: engine vs PyTorch largest pixel "
+          f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+    return rows, ddim
+
+
 def fp16_headroom(model, diffusion, config, steps, seed):
     """How far the model's activations stay below fp16's maximum: per-block peaks over the fixed-seed DDIM run
     (two batches of 8, with guidance: real x_t from t = T-1 to 0) and over random inputs at five timesteps
@@ -186,7 +226,7 @@ def fp16_headroom(model, diffusion, config, steps, seed):
     fn, T = TorchBackend(model), diffusion.num_timesteps
     with activation_peaks(model) as peaks:
         for batch in range(2):
-            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, 2.0)
+            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, CHECK_CFG)
             g = torch.Generator().manual_seed(seed + batch)
             for t in (0, T // 4, T // 2, 3 * T // 4, T - 1):
                 x, _, y = random_inputs(config, T, 8, g)
@@ -251,11 +291,16 @@ def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, 
     if os.path.isfile(cache_path):
         with open(cache_path, "rb") as f:
             blob = f.read()
+    # create_timing_cache returns None for a blob it cannot read (a damaged file, or one from another
+    # TensorRT version), and set_timing_cache False for one from another GPU: both start a new, empty cache,
+    # as trtexec (shared/utils/cacheUtils.cpp) and Polygraphy (backend/trt/config.py) do.
     cache = builder_config.create_timing_cache(blob)
-    if not builder_config.set_timing_cache(cache, ignore_mismatch=False):
-        print(f"  {cache_path} was made on another GPU or TensorRT version: starting a new timing cache")
+    if cache is None or not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+        print(f"  {cache_path} cannot be used (damaged, or made by another GPU or TensorRT version): "
+              f"starting a new timing cache")
         cache = builder_config.create_timing_cache(b"")
-        builder_config.set_timing_cache(cache, ignore_mismatch=False)
+        if cache is None or not builder_config.set_timing_cache(cache, ignore_mismatch=False):
+            raise UserError("TensorRT cannot create an empty timing cache (its log above says why)")
     plan = builder.build_serialized_network(network, builder_config)
     if plan is None:
         raise UserError(f"TensorRT could not build an engine from {onnx_path} (its log above says why)")
@@ -334,14 +379,22 @@ def main(argv=None):
             rows = parity(torch_fn, ort_fn, config, diffusion.num_timesteps, seed=args.seed)
             print_parity(f"ORT {precision} vs torch", rows)
             check_tolerance(rows, precision, name)
-            results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows}
+            results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows, "checks": {}}
+            if precision == "fp16":
+                start = time.time()
+                row = fp16_arithmetic(path, torch_fn, config, diffusion.num_timesteps, args.seed)
+                print_parity("fp16 arithmetic", [row])
+                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv nodes computed in fp16 by onnx's reference "
+                      f"runtime, {time.time() - start:.1f} s)")
+                check_tolerance([row], "fp16", f"{name} computed in fp16 (onnx reference runtime)")
+                results[name]["checks"]["fp16_arithmetic_vs_torch"] = row
 
         # The same fixed-seed DDIM run through PyTorch and both ONNX graphs: what a user would see.
-        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0)
+        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, CHECK_CFG)
         for name, r in results.items():
-            images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, 2.0)
+            images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, CHECK_CFG)
             r["ddim"] = pixel_difference(reference, images)
-            print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: {name} vs PyTorch largest "
+            print(f"  DDIM {args.verify_steps} steps, CFG {CHECK_CFG:g}, seed {args.seed}, 8 images: {name} vs PyTorch largest "
                   f"pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
 
         for name, r in results.items():
@@ -349,7 +402,8 @@ def main(argv=None):
             write_sidecar(os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
-                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows}, "activation_peak": peak}})
+                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows}, "activation_peak": peak,
+                           **r["checks"]}})
             print(f"wrote {os.path.join(out_dir, name)} (+ .json)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -376,15 +430,9 @@ def main(argv=None):
     try:
         # The engine against the PyTorch model on the same GPU, before it and its sidecar replace an earlier one.
         model = model.cuda()
-        torch_fn, trt_fn = TorchBackend(model), TrtBackend(new_engine, meta=engine_meta)
-        rows = parity(torch_fn, trt_fn, config, diffusion.num_timesteps, seed=args.seed)
-        print_parity("TRT fp16 vs torch", rows)
-        check_tolerance(rows, "fp16", "model_fp16.engine")
-        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
-        images = fixed_seed_sample(trt_fn, diffusion, config, args.verify_steps, args.seed, 2.0, device="cuda")
-        ddim = pixel_difference(reference.cpu(), images.cpu())
-        print(f"  DDIM {args.verify_steps} steps, CFG 2, seed {args.seed}, 8 images: engine vs PyTorch largest pixel "
-              f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+        trt_fn = TrtBackend(new_engine, meta=engine_meta)
+        rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, config, args.max_batch, args.verify_steps,
+                                  args.seed)
         move_into_place(new_engine, engine_path)
         write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
     finally:

@@ -24,6 +24,7 @@ import copy
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import DEFAULT_NUM_SAMPLES, Progress, UserError, atomic_write, file_sha256, load_checkpoint
+from cli import DEFAULT_NUM_SAMPLES, Progress, UserError, atomic_write, file_sha256, first_line, load_checkpoint
 from data import parse_labels
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
@@ -64,8 +65,7 @@ def model_from_checkpoint(path, device="cpu", use_ema=True):
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise UserError(f"{path}: weights do not match its model config ({first[:160]}); the file is corrupt") from None
+        raise UserError(f"{path}: weights do not match its model config ({first_line(e)}); the file is corrupt") from None
     class_names = ckpt.get("class_names") or [str(i) for i in range(model_config.num_classes)]
     return model.to(device).eval(), GaussianDiffusion(diffusion_config), class_names, ckpt
 
@@ -221,8 +221,7 @@ class OrtBackend:
         try:
             self.session = ort.InferenceSession(os.fspath(onnx_path), sess_options=session_options, providers=providers)
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first[:160]}); rerun export.py") from None
+            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first_line(e)}); rerun export.py") from None
         names = [i.name for i in self.session.get_inputs()] + [o.name for o in self.session.get_outputs()]
         if names != list(IO_NAMES):
             raise UserError(f"{onnx_path} has I/O {names}, expected {list(IO_NAMES)}; export it with export.py")
@@ -240,6 +239,30 @@ class OrtBackend:
 #                                          CUDA graphs
 # ----------------------------------------------------------------------------------------------
 
+TRT_ALIGNMENT = 256      # bytes: TensorRT requires every bound address to be 256-byte aligned (NvInferRuntime.h)
+
+
+def empty_aligned(shape, dtype, device, alignment=TRT_ALIGNMENT):
+    """An uninitialised tensor whose data starts on an `alignment`-byte boundary: a view into a slightly
+    larger buffer (the view keeps the buffer alive)."""
+    numel, size = math.prod(shape), torch.empty((), dtype=dtype).element_size()
+    buffer = torch.empty(numel + alignment // size, dtype=dtype, device=device)
+    offset = (-buffer.data_ptr() % alignment) // size        # a whole number: data_ptr is a multiple of size
+    return buffer[offset:offset + numel].view(shape)
+
+
+def aligned(v, alignment=TRT_ALIGNMENT):
+    """v itself when it is contiguous and starts on an `alignment`-byte boundary, else an aligned copy.
+    A contiguous view at an offset (y[8:16], x[1:]) starts wherever its offset puts it."""
+    if v.is_contiguous() and v.data_ptr() % alignment == 0:
+        return v
+    return empty_aligned(v.shape, v.dtype, v.device, alignment).copy_(v)
+
+
+class CaptureFailed(RuntimeError):
+    """Recording a CUDA graph failed; nothing was replayed, so the caller may go on without graphs."""
+
+
 class CudaGraphs:
     """A model call recorded once per input shape as a CUDA graph and replayed: one launch per network
     evaluation instead of one per kernel, which is what limits a small DiT at small batch on a GPU.
@@ -247,16 +270,20 @@ class CudaGraphs:
     A graph reads and writes fixed addresses, so each shape gets static input buffers: a call copies
     x, t, y into them, replays, and returns a clone of the static output (the next replay overwrites it).
     prepare(x, t, y) gets those buffers and returns `run`, a zero-argument function that computes the
-    output from them and returns it; `run` is called `warmup` times, then once under capture.
+    output from them and returns it; `run` is called `warmup` times, then once under capture. `run` is
+    kept as long as its graph: whatever it holds (a TensorRT execution context and the device memory it
+    owns) is what the recorded kernels read and write, and freeing it would make every replay a
+    use-after-free on the GPU. capture_error_mode: torch.cuda.graph's ("global", "thread_local", "relaxed").
     """
 
-    def __init__(self, prepare, stream=None, warmup=3):
+    def __init__(self, prepare, stream=None, warmup=3, capture_error_mode="global"):
         self.prepare, self.stream, self.warmup = prepare, stream, warmup
-        self.graphs = {}                     # input shapes -> (graph, static inputs, static output)
+        self.capture_error_mode = capture_error_mode
+        self.graphs = {}                     # input shapes -> (graph, static inputs, static output, run)
 
     @torch.no_grad()
     def _capture(self, x, t, y):
-        static = (x.clone(), t.clone(), y.clone())
+        static = tuple(empty_aligned(v.shape, v.dtype, v.device).copy_(v) for v in (x, t, y))
         run = self.prepare(*static)
         # Warm up outside the capture so one-time work (cuBLAS handles, kernel selection, lazy
         # allocations, TensorRT's set-up on its first enqueue) is not recorded.
@@ -267,19 +294,26 @@ class CudaGraphs:
                 run()
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):
-            out = run()
-        return graph, static, out
+        try:
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode=self.capture_error_mode):
+                out = run()
+        except RuntimeError as e:
+            raise CaptureFailed(first_line(e)) from e
+        return graph, static, out, run
 
     @torch.no_grad()
     def __call__(self, x, t, y):
         key = (tuple(x.shape), tuple(t.shape), tuple(y.shape))
         if key not in self.graphs:
             self.graphs[key] = self._capture(x, t, y)
-        graph, static, out = self.graphs[key]
+        graph, static, out, _ = self.graphs[key]
         for buffer, value in zip(static, (x, t, y)):
             buffer.copy_(value)
-        graph.replay()
+        try:
+            graph.replay()
+        except RuntimeError as e:        # an error in a replayed kernel is sticky: CUDA is lost for the process
+            raise UserError(f"replaying a CUDA graph failed ({first_line(e)}); this process cannot use the GPU "
+                            f"any more: rerun without --cuda-graph") from None
         return out.clone()
 
 
@@ -291,24 +325,27 @@ TRT_MISSING = "TensorRT is not installed (pip install -r requirements-gpu.txt on
 
 
 def trt_unavailable_reason():
-    """None when TensorRT can be used here, else why not. Checks without importing or calling TensorRT."""
+    """None when TensorRT can be used here, else why not. TensorRT is imported only where a CUDA device
+    exists (its calls can crash the process without one), and a package that is found but does not
+    import (e.g. the bindings wheel without its libraries wheel) counts as unavailable."""
     if importlib.util.find_spec("tensorrt") is None:
         return TRT_MISSING
     if not torch.cuda.is_available():
         return "no CUDA GPU is available, and TensorRT needs one"
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:   # ImportError, or OSError from a library the bindings load
+        return (f"TensorRT is installed but does not import ({first_line(e, 120)}); reinstall it from "
+                f"requirements-gpu.txt")
     return None
 
 
 def import_tensorrt():
-    """The tensorrt module, only where a CUDA device exists; otherwise a one-line UserError."""
+    """The tensorrt module, only where a CUDA device exists and it imports; otherwise a one-line UserError."""
     reason = trt_unavailable_reason()
     if reason:
         raise UserError(f"{reason}; use --backend ort")
-    try:
-        import tensorrt as trt
-    except ImportError as e:   # e.g. the bindings wheel without its libs wheel
-        raise UserError(f"TensorRT does not import ({str(e)[:120]}); reinstall it from requirements-gpu.txt, "
-                        f"or use --backend ort") from None
+    import tensorrt as trt
     return trt
 
 
@@ -334,9 +371,11 @@ class TrtBackend:
 
     cuda_graph=True replays each batch size as one CUDA graph (CudaGraphs): the sampler repeats the same
     call 10-1000 times, so one graph launch replaces TensorRT's per-call kernel launches. A graph bakes in
-    every address and shape, so each batch size gets its own execution context bound to its buffers.
-    The sidecar is checked (checkpoint, GPU) unless meta, an already checked one, is passed. TensorRT works
-    on the current CUDA device, so everything of the engine is made with `device` current."""
+    every address and shape, so each batch size gets its own execution context bound to its buffers, kept
+    alive with its graph (the context owns the activation memory the graph writes). Every bound address is
+    256-byte aligned, as TensorRT requires. The sidecar is checked (checkpoint, GPU) unless meta, an already
+    checked one, is passed. TensorRT works on the current CUDA device, so everything of the engine is made
+    with `device` current."""
 
     def __init__(self, engine_path, cuda_graph=False, ckpt_path=None, meta=None, device="cuda"):
         self.device = torch.device(device)
@@ -361,29 +400,45 @@ class TrtBackend:
         low, _, high = self.engine.get_tensor_profile_shape("x", 0)      # (min, opt, max) shapes of x
         self.meta = {**meta, "profile": {**meta.get("profile", {}), "min": low[0], "max": high[0]}}
         with torch.cuda.device(self.device):
-            self.context = self.engine.create_execution_context()
+            self.context = self._new_context()
             self.stream = torch.cuda.Stream()              # TensorRT syncs more on the default stream
-        self.graphs = CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1) if cuda_graph else None
+        # Captured in thread-local mode, as trtexec does (samples/common/sampleDevice.h): only this thread's
+        # unsafe CUDA calls can invalidate the capture, not another thread's.
+        self.graphs = (CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1, capture_error_mode="thread_local")
+                       if cuda_graph else None)
+
+    def _new_context(self):
+        context = self.engine.create_execution_context()
+        if context is None:              # e.g. no device memory left for its activations
+            raise UserError("TensorRT could not create an execution context (out of GPU memory? see its log above)")
+        return context
 
     def _bind(self, context, x, t, y):
-        """Set shapes and addresses of the inputs, allocate and bind the output; returns it."""
+        """Set shapes and addresses of the inputs (256-byte aligned), allocate and bind the output; returns it."""
         for name, v in (("x", x), ("t", t), ("y", y)):
             if not context.set_input_shape(name, tuple(v.shape)):
                 check_profile(self.meta, v.shape[0])
                 raise UserError(f"the engine refuses input {name} of shape {tuple(v.shape)}; rebuild it with export.py")
-            context.set_tensor_address(name, v.data_ptr())
-        out = torch.empty(tuple(context.get_tensor_shape("out")), dtype=self.dtypes["out"], device=self.device)
-        context.set_tensor_address("out", out.data_ptr())
+            self._set_address(context, name, v)
+        out = empty_aligned(tuple(context.get_tensor_shape("out")), self.dtypes["out"], self.device)
+        self._set_address(context, "out", out)
         return out
+
+    @staticmethod
+    def _set_address(context, name, v):
+        if not context.set_tensor_address(name, v.data_ptr()):
+            raise UserError(f"TensorRT refused the address of {name} (0x{v.data_ptr():x}: it needs device memory "
+                            f"aligned to {TRT_ALIGNMENT} bytes)")
 
     def _enqueue(self, context):
         if not context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
 
     def _prepare_graph(self, x, t, y):
-        """For CudaGraphs: a new execution context bound to this batch size's static buffers."""
+        """For CudaGraphs: a new execution context bound to this batch size's static buffers. The returned
+        `run` holds the context, and CudaGraphs keeps `run` as long as the graph recorded from it."""
         with torch.cuda.device(self.device):
-            context = self.engine.create_execution_context()
+            context = self._new_context()
         out = self._bind(context, x, t, y)
 
         def run():
@@ -393,7 +448,7 @@ class TrtBackend:
 
     def __call__(self, x, t, y):
         check_profile(self.meta, x.shape[0])
-        x, t, y = (v.to(self.device, self.dtypes[n]).contiguous() for n, v in (("x", x), ("t", t), ("y", y)))
+        x, t, y = (aligned(v.to(self.device, self.dtypes[n])) for n, v in (("x", x), ("t", t), ("y", y)))
         with torch.cuda.device(self.device):
             return self._call(x, t, y)
 
@@ -401,8 +456,8 @@ class TrtBackend:
         if self.graphs is not None:
             try:
                 return self.graphs(x, t, y).float()
-            except RuntimeError as e:      # e.g. an engine that syncs inside enqueue (weight streaming)
-                print(f"warning: CUDA graph capture of the engine failed ({str(e)[:120]}); running without graphs",
+            except CaptureFailed as e:      # e.g. an engine that syncs inside enqueue (weight streaming)
+                print(f"warning: CUDA graph capture of the engine failed ({e}); running without graphs",
                       file=sys.stderr)
                 self.graphs = None
         main = torch.cuda.current_stream()

@@ -183,3 +183,36 @@ def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     err = cli_error(capsys, export.main, ["--ckpt", ckpt])
     assert "model.onnx differs from PyTorch" in err and "do not deploy it" in err
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"], "a failed export must leave no ONNX, sidecar or temp folder"
+
+
+# ----------------------------------------------------------------------------------------------
+#                     The fp16 graph in fp16 arithmetic (onnx's reference runtime)
+# ----------------------------------------------------------------------------------------------
+
+def test_fp16_graph_computed_in_fp16_matches_pytorch(tiny):
+    """ONNX Runtime's CPU provider computes fp16 nodes in fp32; onnx.reference computes them in fp16."""
+    from runtime import TorchBackend, load_sidecar
+    model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
+    path = os.path.join(tiny["dir"], "model_fp16.onnx")
+    row = export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
+    heavy = sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in onnx.load(path).graph.node)
+    assert row["matmuls_in_fp16"] == f"{heavy}/{heavy}" and heavy > 10
+    assert 1e-5 < row["rel"] < export.FP16_RTOL and row["ref_max"] > 0.1       # fp16 rounding, within tolerance
+    ort_rel = load_sidecar(path)["checks"]["ort_vs_torch"][0]["rel"]
+    assert row["rel"] > ort_rel, "fp16 arithmetic must err more than ORT's fp32 arithmetic on the same graph"
+    assert load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"]["matmuls_in_fp16"] == row["matmuls_in_fp16"]
+    assert "fp16 arithmetic  batch  2:" in tiny["stdout"]
+
+
+def test_fp16_arithmetic_catches_an_overflow(tmp_path):
+    """Patch embeddings beyond 65504 are inf in fp16 (NaN after the LayerNorm): the check refuses the graph."""
+    from runtime import LowPrecision, TorchBackend
+    ckpt = make_checkpoint(tmp_path / "ckpt.pt")
+    model, diffusion, _, _ = model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        model.x_embedder.weight.mul_(1e6)             # fp16 weights up to ~5e4, their sums past 65504
+    path = str(tmp_path / "model_fp16.onnx")
+    example = export.random_inputs(model.config, 1000, 2, torch.Generator().manual_seed(0))
+    export.export_onnx(LowPrecision(model, torch.float16), path, example, 20)
+    with pytest.raises(UserError, match="computed in fp16 gives inf or NaN"):
+        export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)

@@ -1,21 +1,19 @@
 """runtime.py and infer_trt.py on the tiny export of test_export.py: the ORT sampler against PyTorch,
 the sidecar refusing stale or foreign files, the one-line errors of infer_trt.py, and (only where
 TensorRT and a CUDA GPU exist) the engine end to end."""
-import contextlib
-import ctypes
+import json
 import os
 import shutil
 import subprocess
 import sys
-import types
 
-import numpy as np
 import pytest
 import torch
 
-import runtime
 import export
+import fake_trt as fake
 import infer_trt
+import runtime
 from cli import UserError, load_checkpoint
 from runtime import model_from_checkpoint
 from test_export import cli_error, exported_tiny, make_checkpoint
@@ -218,151 +216,30 @@ def test_tensorrt_engine_end_to_end(tiny, tmp_path, capsys):
     assert (images - draw(torch_fn, diffusion, model.config, device="cuda")).abs().max().item() * 127.5 < 10
 
 
+#              TrtBackend and build_engine on a fake TensorRT and a fake CUDA (tests/fake_trt.py)
 # ----------------------------------------------------------------------------------------------
-#              TrtBackend's stream and CUDA-graph logic, on a fake TensorRT and fake CUDA
-# ----------------------------------------------------------------------------------------------
-# TensorRT cannot run here, so a fake engine stands in: it reads its inputs from the addresses bound to it
-# (host memory: the fake runs on CPU tensors) and writes out = 2 x + t. Fake streams and graphs record
-# what TrtBackend does, in order, so the protocol is checked: shapes before the enqueue, the side stream
-# waiting for the main one and the main one for it, a warm-up before the capture, one capture per batch.
+# The fakes follow the real bindings' contracts (each cited in fake_trt.py): an engine holds no reference
+# to its contexts, a graph replayed after its context is gone is an illegal memory access, unaligned
+# addresses and shapes outside the profile are refused with False, execute_async_v3 returns False with
+# an unset shape or address, an unreadable timing cache is None, a failed build is None.
 
-
-PROFILE = [(1, 1, 4, 4), (4, 1, 4, 4), (8, 1, 4, 4)]
-
-
-class FakeCuda:
-    def __init__(self, events):
-        self.events, self.capturing, self.ids = events, None, iter(range(1, 100))
-        self.current = self.Stream(self, 0)
-
-    class Stream:
-        def __init__(self, cuda, handle=None):
-            self.cuda, self.cuda_stream = cuda, next(cuda.ids) if handle is None else handle
-
-        def wait_stream(self, other):
-            self.cuda.events.append(("wait", self.cuda_stream, other.cuda_stream))
-
-        def synchronize(self):
-            self.cuda.events.append(("sync", self.cuda_stream))
-
-    def install(self, monkeypatch, fail_capture=False):
-        cuda = self
-
-        class Graph:
-            def __init__(self):
-                self.thunks = []
-
-            def replay(self):
-                cuda.events.append(("replay",))
-                for thunk in self.thunks:
-                    thunk()
-
-        @contextlib.contextmanager
-        def graph(g, stream=None):
-            if fail_capture:
-                raise RuntimeError("operation not permitted when stream is capturing")
-            cuda.events.append(("capture", stream.cuda_stream))
-            cuda.capturing, before, cuda.current = g, cuda.current, stream
-            try:
-                yield
-            finally:
-                cuda.capturing, cuda.current = None, before
-
-        @contextlib.contextmanager
-        def stream(s):
-            before, cuda.current = cuda.current, s
-            try:
-                yield
-            finally:
-                cuda.current = before
-        monkeypatch.setattr(torch.cuda, "Stream", lambda: FakeCuda.Stream(cuda))
-        monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
-        monkeypatch.setattr(torch.cuda, "current_stream", lambda: cuda.current)
-        monkeypatch.setattr(torch.cuda, "stream", stream)
-        monkeypatch.setattr(torch.cuda, "graph", graph)
-        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-        monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: cuda.events.append(("record", s.cuda_stream)))
-
-
-def host_array(address, ctype, n):
-    return np.ctypeslib.as_array((ctype * n).from_address(address))
-
-
-class FakeContext:
-    def __init__(self, cuda, number):
-        self.cuda, self.number, self.shapes, self.addresses = cuda, number, {}, {}
-
-    def set_input_shape(self, name, shape):
-        self.cuda.events.append(("shape", self.number, name, tuple(shape)))
-        self.shapes[name] = tuple(shape)
-        return PROFILE[0][0] <= shape[0] <= PROFILE[2][0]
-
-    def set_tensor_address(self, name, address):
-        assert isinstance(address, int)
-        self.cuda.events.append(("address", self.number, name))
-        self.addresses[name] = address
-
-    def get_tensor_shape(self, name):
-        return self.shapes["x"]
-
-    def execute_async_v3(self, stream_handle):
-        assert isinstance(stream_handle, int) and set(self.shapes) == {"x", "t", "y"} and "out" in self.addresses
-        self.cuda.events.append(("execute", self.number, stream_handle, self.cuda.capturing is not None))
-        n, size = self.shapes["x"][0], int(np.prod(self.shapes["x"]))
-        x_address, t_address, out_address = self.addresses["x"], self.addresses["t"], self.addresses["out"]
-
-        def compute():                     # out = 2 x + t, read from and written to the bound addresses
-            x = host_array(x_address, ctypes.c_float, size).reshape(n, -1)
-            t = host_array(t_address, ctypes.c_int64, n)
-            host_array(out_address, ctypes.c_float, size).reshape(n, -1)[:] = 2 * x + t[:, None]
-        if self.cuda.capturing is not None:
-            self.cuda.capturing.thunks.append(compute)
-        else:
-            compute()
-        return True
-
-
-def fake_tensorrt(cuda):
-    contexts = []
-
-    class Engine:
-        num_io_tensors = 4
-
-        def get_tensor_name(self, i):
-            return ("x", "t", "y", "out")[i]
-
-        def get_tensor_dtype(self, name):
-            return "int64" if name in ("t", "y") else "float"
-
-        def get_tensor_profile_shape(self, name, profile):
-            return PROFILE
-
-        def create_execution_context(self):
-            contexts.append(FakeContext(cuda, len(contexts)))
-            return contexts[-1]
-
-    runtime_class = lambda logger: types.SimpleNamespace(deserialize_cuda_engine=lambda blob: Engine())
-    logger_class = lambda severity: object()
-    logger_class.WARNING = 2
-    return types.SimpleNamespace(Runtime=runtime_class, Logger=logger_class, __version__="11.4-fake",
-                                 DataType=types.SimpleNamespace(FLOAT="float", HALF="half", INT64="int64",
-                                                                INT32="int32")), contexts
+PROFILE = (1, 4, 8)
 
 
 @pytest.fixture()
 def fake_trt(tmp_path, monkeypatch):
-    events = []
-    cuda = FakeCuda(events)
+    cuda = fake.FakeCuda()
 
-    def make(cuda_graph, fail_capture=False):
-        cuda.install(monkeypatch, fail_capture)
-        trt, contexts = fake_tensorrt(cuda)
+    def make(cuda_graph, streams_weights=False, **options):
+        cuda.install(monkeypatch)
+        trt = fake.fake_tensorrt(cuda, **options)
         monkeypatch.setattr(runtime, "import_tensorrt", lambda: trt)
         monkeypatch.setattr(runtime, "_TRT_LOGGER", [])
-        (tmp_path / "fake.engine").write_bytes(b"fake")
+        (tmp_path / "fake.engine").write_bytes(fake.plan_bytes((1, 4, 4), PROFILE, streams_weights))
         backend = runtime.TrtBackend(str(tmp_path / "fake.engine"), cuda_graph=cuda_graph, meta={"profile": {}})
         backend.device = torch.device("cpu")            # the fake computes on host memory
-        return backend, events, contexts
+        return backend, cuda.events, trt.runtimes[0]
+    make.cuda = cuda
     return make
 
 
@@ -371,12 +248,16 @@ def inputs(n):
     return torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 1000, (n,), generator=g), torch.zeros(n, dtype=torch.long)
 
 
+def expected(x, t):
+    return 2 * x + t.float().view(-1, 1, 1, 1)
+
+
 def test_trt_backend_plain_call_orders_streams_and_sets_shapes_first(fake_trt):
     backend, events, _ = fake_trt(cuda_graph=False)
     x, t, y = inputs(3)
     events.clear()
     out = backend(x, t, y)
-    assert torch.equal(out, 2 * x + t.float().view(-1, 1, 1, 1))
+    assert torch.equal(out, expected(x, t))
     side = backend.stream.cuda_stream
     kinds = [e[0] for e in events]
     assert events[0] == ("wait", side, 0)                        # the side stream waits for the inputs
@@ -395,22 +276,233 @@ def test_trt_backend_refuses_a_batch_outside_the_profile_before_any_call(fake_tr
 
 
 def test_trt_backend_cuda_graphs_warm_up_then_capture_once_per_batch(fake_trt):
-    backend, events, contexts = fake_trt(cuda_graph=True)
+    backend, events, trt_runtime = fake_trt(cuda_graph=True)
     side = backend.stream.cuda_stream
     for n in (2, 2, 5):
         x, t, y = inputs(n)
-        assert torch.equal(backend(x, t, y), 2 * x + t.float().view(-1, 1, 1, 1))
+        assert torch.equal(backend(x, t, y), expected(x, t))
     kinds = [e[0] for e in events]
-    assert kinds.count("capture") == 2 and kinds.count("replay") == 3 and len(contexts) == 3   # 1 plain + 1 per batch
+    assert kinds.count("capture") == 2 and kinds.count("replay") == 3
+    assert trt_runtime.contexts_made == 3                                   # 1 plain + 1 per batch size
     first = kinds.index("capture")
     shapes = [i for i, e in enumerate(events) if e[0] == "shape" and e[1] == 1]
     warm = events.index(("execute", 1, side, False))
     assert max(shapes) < warm < first < events.index(("execute", 1, side, True))   # shapes, warm-up, capture
-    assert events[first] == ("capture", side) and ("sync", side) in events[warm:first]
+    assert events[first][:2] == ("capture", side) and ("sync", side) in events[warm:first]
 
 
-def test_trt_backend_falls_back_when_capture_fails(fake_trt, capsys):
-    backend, events, _ = fake_trt(cuda_graph=True, fail_capture=True)
+def test_trt_backend_keeps_each_graphs_context_alive(fake_trt):
+    """The engine holds no reference to its contexts: the graph's must live as long as the graph, or every
+    replay writes into freed activation memory (an illegal memory access, sticky for the process)."""
+    import gc
+    backend, _, trt_runtime = fake_trt(cuda_graph=True)
+    x, t, y = inputs(4)
+    backend(x, t, y)                      # capture
+    gc.collect()
+    assert all(ref() is not None for ref in trt_runtime.made), "a context was freed while its graph lives"
+    for _ in range(3):                    # replays
+        assert torch.equal(backend(x, t, y), expected(x, t))
+    del backend
+    gc.collect()
+    assert all(ref() is None for ref in trt_runtime.made)      # and nothing else holds them
+
+
+def test_trt_backend_captures_in_thread_local_mode(fake_trt):
+    backend, events, _ = fake_trt(cuda_graph=True)
+    backend(*inputs(2))
+    assert [e[2] for e in events if e[0] == "capture"] == ["thread_local"]    # as trtexec does
+
+
+def test_fake_graph_replay_after_its_context_is_gone_fails_loudly(fake_trt):
+    """Guards the fake: a graph whose context was freed fails like the real thing, and CUDA stays broken."""
+    backend, _, _ = fake_trt(cuda_graph=True)
     x, t, y = inputs(2)
-    assert torch.equal(backend(x, t, y), 2 * x + t.float().view(-1, 1, 1, 1))
+    backend(x, t, y)
+    graph, static, out, run = backend.graphs.graphs[((2, 1, 4, 4), (2,), (2,))]
+    backend.graphs.graphs[((2, 1, 4, 4), (2,), (2,))] = (graph, static, out, None)
+    del run
+    with pytest.raises(UserError, match="replaying a CUDA graph failed .*illegal memory access.*rerun without "
+                                        "--cuda-graph"):
+        backend(x, t, y)
+    with pytest.raises(fake.CudaError, match="illegal memory access"):
+        fake_trt.cuda.current.synchronize()
+
+
+def test_trt_backend_falls_back_when_the_engine_cannot_be_captured(fake_trt, capsys):
+    """An engine that streams weights enqueues synchronously: execute_async_v3 fails under capture."""
+    backend, _, _ = fake_trt(cuda_graph=True, streams_weights=True)
+    x, t, y = inputs(2)
+    assert torch.equal(backend(x, t, y), expected(x, t))
     assert backend.graphs is None and "CUDA graph capture of the engine failed" in capsys.readouterr().err
+
+
+def test_a_replay_error_is_not_reported_as_a_capture_failure(fake_trt, capsys):
+    backend, _, _ = fake_trt(cuda_graph=True)
+    x, t, y = inputs(2)
+    backend(x, t, y)
+    fake_trt.cuda.broken = "unspecified launch failure"
+    with pytest.raises(UserError, match="replaying a CUDA graph failed .*unspecified launch failure"):
+        backend(x, t, y)
+    assert backend.graphs is not None and "capture" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_trt_backend_binds_aligned_copies_of_views_at_an_offset(fake_trt, cuda_graph):
+    """TensorRT needs 256-byte aligned addresses: contiguous views at an offset are copied, never bound."""
+    backend, _, _ = fake_trt(cuda_graph=cuda_graph)
+    x, t, y = inputs(9)
+    for view in ((x[1:], t[1:], y[1:]), (x[3:7], t[3:7], y[3:7])):
+        assert torch.equal(backend(*view), expected(view[0], view[1]))
+    assert runtime.aligned(x[1:]).data_ptr() % 256 == 0 and torch.equal(runtime.aligned(x[1:]), x[1:])
+    for dtype in (torch.float16, torch.float32, torch.int64):
+        assert runtime.empty_aligned((3, 5), dtype, "cpu").data_ptr() % 256 == 0
+
+
+def test_trt_backend_checks_every_address_it_binds(fake_trt, monkeypatch):
+    backend, _, _ = fake_trt(cuda_graph=False)
+    monkeypatch.setattr(runtime, "aligned", lambda v: v)       # as if the copy were skipped
+    x, t, y = inputs(9)
+    with pytest.raises(UserError, match=r"TensorRT refused the address of (x|t|y) .*aligned to 256 bytes"):
+        for start in range(1, 9):                              # some view is unaligned for certain
+            backend(x[start:], t[start:], y[start:])
+
+
+def test_trt_backend_says_when_no_context_can_be_made(fake_trt):
+    with pytest.raises(UserError, match="could not create an execution context"):
+        fake_trt(cuda_graph=False, fail_contexts=True)
+
+
+def test_fake_execute_refuses_unset_shapes_and_addresses(fake_trt):
+    """Guards the fake: enqueueV3 returns False, as documented, until every shape and address is set."""
+    backend, _, _ = fake_trt(cuda_graph=False)
+    context = backend.engine.create_execution_context()
+    assert context.execute_async_v3(1) is False
+    x = runtime.empty_aligned((2, 1, 4, 4), torch.float32, "cpu")
+    assert context.set_input_shape("x", (2, 1, 4, 4)) and context.set_tensor_address("x", x.data_ptr())
+    assert not context.set_input_shape("x", (9, 1, 4, 4)) and not context.set_input_shape("x", (2, 3, 4, 4))
+    assert not context.set_tensor_address("t", x.data_ptr() + 4)
+    assert context.execute_async_v3(1) is False
+    assert backend.engine.get_tensor_profile_shape("x", 0)[2] == (8, 1, 4, 4)
+
+
+def test_fakes_use_only_names_of_the_real_tensorrt():
+    """Every method and property of the fake classes exists on the real 11.4 class it stands for."""
+    with open(os.path.join(ROOT, "tests", "tensorrt-11.4.0.106-api.json")) as f:
+        api = json.load(f)["classes"]
+    missing = [f"{real}.{name}" for cls, real in fake.REAL_NAMES.items() for name, value in vars(cls).items()
+               if not name.startswith("_") and (callable(value) or isinstance(value, property))
+               and name not in api[real]["members"]]
+    assert not missing, missing
+
+
+# ----------------------------------------------------------------------------------------------
+
+def engine_inputs(tmp_path, tiny):
+    onnx_path = artifact(tiny, "model_fp16.onnx")
+    return onnx_path, str(tmp_path / "model_fp16.engine"), str(tmp_path / "model_fp16.timing.cache")
+
+
+def install_builder(monkeypatch, **options):
+    trt = fake.fake_tensorrt(**options)
+    monkeypatch.setattr(export, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(runtime, "_TRT_LOGGER", [])
+    return trt
+
+
+def test_build_engine_writes_the_engine_and_a_timing_cache_it_reuses(tiny, tmp_path, monkeypatch, capsys):
+    install_builder(monkeypatch)
+    onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
+    assert export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16)) == "11.4.0.106-fake"
+    plan = open(engine, "rb").read()
+    assert plan.startswith(fake.PLAN_MAGIC) and open(cache, "rb").read().startswith(fake.CACHE_MAGIC)
+    export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
+    assert "timing cache" not in capsys.readouterr().out                    # the saved cache was read back
+
+
+@pytest.mark.parametrize("blob,why", [(b"\x00garbage from an older TensorRT", "unreadable"),
+                                      (fake.ITimingCache("Other GPU").serialize(), "another GPU")])
+def test_build_engine_starts_a_new_timing_cache_when_the_old_one_cannot_be_used(tiny, tmp_path, monkeypatch,
+                                                                               capsys, blob, why):
+    install_builder(monkeypatch)
+    onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
+    with open(cache, "wb") as f:
+        f.write(blob)
+    export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
+    assert "cannot be used (damaged, or made by another GPU or TensorRT version): starting a new timing cache" \
+        in capsys.readouterr().out
+    assert os.path.getsize(engine) > 0 and fake.GPU in open(cache, "rb").read().decode()   # replaced by a good one
+
+
+def test_build_engine_failures_are_one_line(tiny, tmp_path, monkeypatch):
+    onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
+    install_builder(monkeypatch, fail_build=True)
+    with pytest.raises(UserError, match="TensorRT could not build an engine from .*model_fp16.onnx"):
+        export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
+    assert not os.path.exists(engine)
+    install_builder(monkeypatch)
+    (tmp_path / "junk.onnx").write_bytes(b"not onnx")
+    with pytest.raises(UserError, match=r"TensorRT cannot parse .*junk.onnx: Failed to parse ONNX model"):
+        export.build_engine(str(tmp_path / "junk.onnx"), engine, cache, (1, 16, 16), (1, 8, 16))
+
+
+def test_an_engine_built_by_build_engine_runs_in_trt_backend(tiny, tmp_path, monkeypatch):
+    install_builder(monkeypatch)
+    onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
+    export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
+    cuda = fake.FakeCuda()
+    cuda.install(monkeypatch)
+    trt = fake.fake_tensorrt(cuda)
+    monkeypatch.setattr(runtime, "import_tensorrt", lambda: trt)
+    backend = runtime.TrtBackend(engine, cuda_graph=True, meta={"profile": {}})
+    backend.device = torch.device("cpu")
+    assert backend.meta["profile"] == {"min": 1, "max": 16}
+    x, t, y = (torch.randn(5, 1, 16, 16), torch.arange(5), torch.zeros(5, dtype=torch.long))
+    assert torch.equal(backend(x, t, y), expected(x, t))
+
+
+# ----------------------------------------------------------------------------------------------
+
+class ProfileBound:
+    """A backend that, like an engine, accepts only batch sizes inside its profile [1, max_batch]."""
+
+    def __init__(self, fn, max_batch):
+        self.fn, self.meta, self.batches = fn, {"profile": {"min": 1, "max": max_batch}}, set()
+
+    def __call__(self, x, t, y):
+        runtime.check_profile(self.meta, x.shape[0])
+        self.batches.add(x.shape[0])
+        return self.fn(x, t, y)
+
+
+@pytest.mark.parametrize("batch_size,max_batch", [(4, 8), (1, 2), (3, 7), (2, 15), (32, 256)])
+def test_the_engine_check_stays_inside_the_profile_export_accepts(tiny, batch_size, max_batch, capsys):
+    """Every --batch-size/--max-batch export.py accepts builds an engine its own check can run."""
+    args = export.parse_args(["--ckpt", tiny["ckpt"], "--batch-size", str(batch_size), "--max-batch", str(max_batch)])
+    model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
+    torch_fn = runtime.TorchBackend(model)
+    engine_fn = ProfileBound(torch_fn, args.max_batch)
+    rows, ddim = export.check_engine(torch_fn, engine_fn, diffusion, model.config, args.max_batch, 2, 0, "cpu")
+    assert max(engine_fn.batches) == max_batch and ddim["uint8"] == 0 and all(r["rel"] == 0 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_auto_backend_falls_back_when_tensorrt_is_found_but_does_not_import(tiny, tmp_path, monkeypatch, capsys):
+    """A tensorrt package whose libraries are missing: found by find_spec, fails at import."""
+    package = tmp_path / "site" / "tensorrt"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('libnvonnxparser.so.11: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    reason = runtime.trt_unavailable_reason()
+    assert reason.startswith("TensorRT is installed but does not import (libnvonnxparser.so.11")
+    folder = str(tmp_path / "deploy")
+    shutil.copytree(tiny["dir"], folder)
+    open(os.path.join(folder, "model_fp16.engine"), "wb").close()
+    args = infer_trt.parse_args(["--engine", os.path.join(folder, "model_fp16.engine")])
+    backend, path = infer_trt.choose_backend(args)
+    assert backend == "ort" and path == os.path.join(folder, "model.onnx")
+    assert "not using the engine (TensorRT is installed but does not import" in capsys.readouterr().err
+    with pytest.raises(UserError, match="does not import .*use --backend ort"):
+        runtime.import_tensorrt()

@@ -95,7 +95,8 @@ def return_class(api, signatures):
 
 FOREIGN_CALLS = {"torch.cuda.Stream": "torch.cuda.Stream", "torch.empty": "torch.Tensor", "torch.zeros": "torch.Tensor",
                  "torch.ones": "torch.Tensor", "torch.tensor": "torch.Tensor", "torch.randn": "torch.Tensor",
-                 "torch.cuda.CUDAGraph": "torch.cuda.CUDAGraph", "torch.device": "torch.device"}
+                 "torch.cuda.CUDAGraph": "torch.cuda.CUDAGraph", "torch.device": "torch.device",
+                 "empty_aligned": "torch.Tensor"}                # runtime.empty_aligned: a view of torch.empty
 PY_CALLS = {"len": "int", "int": "int", "str": "str", "bytes": "bytes", "tuple": "tuple", "list": "list",
             "float": "float", "bool": "bool", "range": "range"}
 INT_METHODS = {"data_ptr", "numel", "element_size", "nbytes"}     # torch methods that return ints
@@ -599,8 +600,8 @@ def test_the_checker_catches_wrong_argument_types(api):
      "IExecutionContext.execute_async_v2 does not exist"),                   # a removed call on a parameter
     ("runtime.py", "execute_async_v3(self.stream.cuda_stream)", "execute_async_v3(self.stream)",
      "argument 'stream_handle' must be typing.SupportsInt, got self.stream"),  # a stream, not its handle
-    ("runtime.py", 'context.set_tensor_address("out", out.data_ptr())', 'context.set_tensor_address("out", out)',
-     "argument 'memory' must be typing.SupportsInt, got out"),
+    ("runtime.py", "context.set_tensor_address(name, v.data_ptr())", "context.set_tensor_address(name, v)",
+     "argument 'memory' must be typing.SupportsInt, got v"),
     ("export.py", "    builder_config = builder.create_builder_config()\n",
      "    cfg = builder.create_builder_config()\n    cfg.set_flag(trt.BuilderFlag.FP16)\n    builder_config = cfg\n",
      "BuilderFlag.FP16 does not exist"),                                     # any variable name
