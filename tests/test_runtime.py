@@ -1,6 +1,7 @@
 """runtime.py and infer_trt.py on the tiny export of test_export.py: the ORT sampler against PyTorch,
 the sidecar refusing stale or foreign files, the one-line errors of infer_trt.py, and (only where
 TensorRT and a CUDA GPU exist) the engine end to end."""
+import gc
 import json
 import os
 import shutil
@@ -209,7 +210,11 @@ def test_tensorrt_engine_end_to_end(tiny, tmp_path, capsys):
     assert all(r["rel"] < 1e-2 for r in rows), rows
     x, t, y = (v.cuda() for v in export.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0)))
     first = graphed(x, t, y)
+    gc.collect()                                   # the graph's execution context must survive this
     assert torch.equal(first, plain(x, t, y)) and torch.equal(graphed(x, t, y), first)   # replays, same answer
+    torch.cuda.synchronize()
+    views = [torch.cat([v, v])[1:6] for v in (x, t, y)]                   # contiguous, at an unaligned offset
+    assert views[1].data_ptr() % 256 and torch.equal(plain(*views), graphed(*views))   # t: 8 bytes in
     with pytest.raises(UserError, match=r"batch 17 is outside the engine's profile \[1, 16\]"):
         plain(*(torch.cat([v] * 4)[:17] for v in (x, t, y)))
     images = draw(plain, diffusion, model.config, device="cuda")
@@ -294,7 +299,6 @@ def test_trt_backend_cuda_graphs_warm_up_then_capture_once_per_batch(fake_trt):
 def test_trt_backend_keeps_each_graphs_context_alive(fake_trt):
     """The engine holds no reference to its contexts: the graph's must live as long as the graph, or every
     replay writes into freed activation memory (an illegal memory access, sticky for the process)."""
-    import gc
     backend, _, trt_runtime = fake_trt(cuda_graph=True)
     x, t, y = inputs(4)
     backend(x, t, y)                      # capture
