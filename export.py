@@ -174,8 +174,9 @@ def check_tolerance(rows, precision, name):
 
 def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
     """The fp16 graph as TensorRT receives it, computed in fp16: onnx's reference runtime evaluates every node
-    with numpy at the graph's declared types, so fp16 nodes compute and round in fp16 (ONNX Runtime's CPU
-    provider upcasts them to fp32). Compared with PyTorch fp32 within FP16_RTOL; inf or NaN fails."""
+    with numpy at the graph's declared types, so each fp16 node's result is rounded to fp16 (numpy's fp16
+    matmuls accumulate in fp32, as fp16 GEMMs on a GPU do), where ONNX Runtime's CPU provider upcasts them
+    to fp32. Compared with PyTorch fp32 within FP16_RTOL; inf or NaN fails."""
     import onnx
     from onnx.reference import ReferenceEvaluator
     graph = onnx.load(path)
@@ -183,7 +184,7 @@ def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
     with np.errstate(over="ignore", invalid="ignore"):           # an overflow is reported below, as inf or NaN
         values = ReferenceEvaluator(graph).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()},
                                                intermediate=True)
-    heavy = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    heavy = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
     in_fp16 = sum(values[n.output[0]].dtype == np.float16 for n in heavy)
     out = torch.from_numpy(values["out"])
     if not torch.isfinite(out).all():
@@ -292,8 +293,8 @@ def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, 
         with open(cache_path, "rb") as f:
             blob = f.read()
     # create_timing_cache returns None for a blob it cannot read (a damaged file, or one from another
-    # TensorRT version), and set_timing_cache False for one from another GPU: both start a new, empty cache,
-    # as trtexec (shared/utils/cacheUtils.cpp) and Polygraphy (backend/trt/config.py) do.
+    # TensorRT version; trtexec checks for it, shared/utils/cacheUtils.cpp) and set_timing_cache False for one
+    # from another GPU: both start a new, empty cache, as Polygraphy does (backend/trt/config.py).
     cache = builder_config.create_timing_cache(blob)
     if cache is None or not builder_config.set_timing_cache(cache, ignore_mismatch=False):
         print(f"  {cache_path} cannot be used (damaged, or made by another GPU or TensorRT version): "
@@ -384,8 +385,8 @@ def main(argv=None):
                 start = time.time()
                 row = fp16_arithmetic(path, torch_fn, config, diffusion.num_timesteps, args.seed)
                 print_parity("fp16 arithmetic", [row])
-                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv nodes computed in fp16 by onnx's reference "
-                      f"runtime, {time.time() - start:.1f} s)")
+                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv/Attention nodes computed in fp16 by onnx's "
+                      f"reference runtime, {time.time() - start:.1f} s)")
                 check_tolerance([row], "fp16", f"{name} computed in fp16 (onnx reference runtime)")
                 results[name]["checks"]["fp16_arithmetic_vs_torch"] = row
 

@@ -66,7 +66,8 @@ def choose_backend(args):
     folder = os.path.dirname(os.path.abspath(given))
     engine = args.engine or os.path.join(folder, ENGINE_NAME)
     onnx_path = args.onnx or os.path.join(folder, ONNX_NAME)
-    backend, no_trt = args.backend, trt_unavailable_reason()
+    backend = args.backend
+    no_trt = trt_unavailable_reason() if backend in ("trt", "auto") else None    # imports TensorRT where it can
     if backend == "trt" and no_trt:
         raise UserError(f"{no_trt}; use --backend ort")
     if backend == "torch" and not args.ckpt:

@@ -245,7 +245,7 @@ TRT_ALIGNMENT = 256      # bytes: TensorRT requires every bound address to be 25
 def empty_aligned(shape, dtype, device, alignment=TRT_ALIGNMENT):
     """An uninitialised tensor whose data starts on an `alignment`-byte boundary: a view into a slightly
     larger buffer (the view keeps the buffer alive)."""
-    numel, size = math.prod(shape), torch.empty((), dtype=dtype).element_size()
+    numel, size = math.prod(shape), dtype.itemsize
     buffer = torch.empty(numel + alignment // size, dtype=dtype, device=device)
     offset = (-buffer.data_ptr() % alignment) // size        # a whole number: data_ptr is a multiple of size
     return buffer[offset:offset + numel].view(shape)
@@ -295,7 +295,10 @@ class CudaGraphs:
         stream.synchronize()
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode=self.capture_error_mode):
+            # torch.cuda.graph ends the capture before it switches the stream back, and skips the switch when
+            # ending fails (an invalidated capture): the outer `with` restores the caller's stream either way.
+            with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream,
+                                                             capture_error_mode=self.capture_error_mode):
                 out = run()
         except RuntimeError as e:
             raise CaptureFailed(first_line(e)) from e
@@ -309,9 +312,11 @@ class CudaGraphs:
         graph, static, out, _ = self.graphs[key]
         for buffer, value in zip(static, (x, t, y)):
             buffer.copy_(value)
+        # A fault inside a replayed kernel is asynchronous: it surfaces at a later launch or synchronisation,
+        # and CUDA errors are sticky, so one seen here ends any further use of the GPU in this process.
         try:
             graph.replay()
-        except RuntimeError as e:        # an error in a replayed kernel is sticky: CUDA is lost for the process
+        except RuntimeError as e:
             raise UserError(f"replaying a CUDA graph failed ({first_line(e)}); this process cannot use the GPU "
                             f"any more: rerun without --cuda-graph") from None
         return out.clone()
@@ -448,7 +453,7 @@ class TrtBackend:
 
     def __call__(self, x, t, y):
         check_profile(self.meta, x.shape[0])
-        x, t, y = (aligned(v.to(self.device, self.dtypes[n])) for n, v in (("x", x), ("t", t), ("y", y)))
+        x, t, y = (v.to(self.device, self.dtypes[n]) for n, v in (("x", x), ("t", t), ("y", y)))
         with torch.cuda.device(self.device):
             return self._call(x, t, y)
 
@@ -460,6 +465,7 @@ class TrtBackend:
                 print(f"warning: CUDA graph capture of the engine failed ({e}); running without graphs",
                       file=sys.stderr)
                 self.graphs = None
+        x, t, y = (aligned(v) for v in (x, t, y))          # bound as they are: contiguous, 256-byte aligned
         main = torch.cuda.current_stream()
         self.stream.wait_stream(main)                      # inputs were written on the main stream
         out = self._bind(self.context, x, t, y)

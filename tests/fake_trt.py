@@ -9,10 +9,13 @@ what our code happens to call, and fail where the real ones fail. Each contract 
         were recorded with; an error in a kernel is sticky (every later CUDA call in the process fails).
 The engine is a stand-in that computes out = 2 x + t (per sample), reading its inputs from and writing its
 output to the host addresses bound to it, through activation memory that its execution context owns.
+It computes on CPU tensors, which PyTorch aligns to 64 bytes where CUDA's caching allocator gives 512: the
+256-byte rule therefore also refuses some fresh CPU tensors, which on a GPU would be aligned anyway.
 """
 import contextlib
 import ctypes
 import json
+import operator
 import os
 import types
 import weakref
@@ -36,7 +39,11 @@ class CudaError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 
 class FakeCuda:
-    """torch.cuda's streams, graphs and record_stream, recording what is done to them in `events`."""
+    """torch.cuda's streams, graphs and record_stream, recording what is done to them in `events`.
+    A capture follows torch.cuda.graph (torch/cuda/graphs.py): enter = synchronize, switch to the capture
+    stream, capture_begin; exit = capture_end, which raises for an invalidated capture, and only then the
+    switch back. [cu] During a capture, work enqueued on the capturing stream is recorded, not run; work on
+    another stream runs at once; synchronizing the capturing stream is an error that invalidates the capture."""
 
     def __init__(self):
         self.events, self.capturing, self.broken, self.ids = [], None, None, iter(range(1, 1000))
@@ -45,6 +52,10 @@ class FakeCuda:
     def check(self):
         if self.broken:                  # [cu] sticky: nothing works after an illegal memory access
             raise CudaError(f"CUDA error: {self.broken}")
+
+    def invalidate_capture(self, why):
+        self.capturing.invalid = why
+        raise CudaError(f"CUDA error: {why}")
 
     class Stream:
         def __init__(self, cuda, handle=None):
@@ -55,6 +66,8 @@ class FakeCuda:
 
         def synchronize(self):
             self.cuda.check()
+            if self.cuda.capturing is not None and self.cuda.capturing.stream is self:
+                self.cuda.invalidate_capture("operation not permitted when stream is capturing")
             self.cuda.events.append(("sync", self.cuda_stream))
 
     def install(self, monkeypatch):
@@ -64,7 +77,7 @@ class FakeCuda:
             """[cu] replays the recorded kernels; each checks that the memory it was recorded with still exists."""
 
             def __init__(self):
-                self.kernels = []
+                self.kernels, self.stream, self.invalid = [], None, None
 
             def replay(self):
                 cuda.check()
@@ -72,15 +85,21 @@ class FakeCuda:
                 for kernel in self.kernels:
                     kernel()
 
-        @contextlib.contextmanager
-        def graph(g, pool=None, stream=None, capture_error_mode="global"):
-            cuda.check()
-            cuda.events.append(("capture", stream.cuda_stream, capture_error_mode))
-            cuda.capturing, before, cuda.current = g, cuda.current, stream
-            try:
-                yield
-            finally:
-                cuda.capturing, cuda.current = None, before
+        class graph:
+            def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+                self.graph, self.stream, self.mode = cuda_graph, stream, capture_error_mode
+
+            def __enter__(self):
+                cuda.check()
+                cuda.events.append(("capture", self.stream.cuda_stream, self.mode))
+                self.before, cuda.current = cuda.current, self.stream
+                self.graph.stream, cuda.capturing = self.stream, self.graph
+
+            def __exit__(self, *exc):
+                cuda.capturing = None        # capture_end, then (only if it did not raise) the stream back
+                if self.graph.invalid:
+                    raise CudaError("CUDA error: operation failed due to a previous error during capture")
+                cuda.current = self.before
 
         @contextlib.contextmanager
         def use_stream(s):
@@ -96,6 +115,14 @@ class FakeCuda:
         monkeypatch.setattr(torch.cuda, "graph", graph)
         monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
         monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: cuda.events.append(("record", s.cuda_stream)))
+
+
+def integer(value, method, parameter):
+    """[pb] an integer argument (int, numpy integer: anything with __index__), else the bindings' TypeError."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{method}(): incompatible function arguments ({parameter}: typing.SupportsInt)") from None
 
 
 def host_array(address, dtype, n):
@@ -120,7 +147,9 @@ class IExecutionContext:
         engine.runtime.made.append(weakref.ref(self))
 
     def set_input_shape(self, name, shape):
-        """[rt] False for a name that is no input, or a shape the network or the profile does not allow."""
+        """[rt] False "if the provided name does not map to an input tensor, or if some other error occurred":
+        a dimension that disagrees with the network's ("Each dimension must agree with the network dimension
+        unless the latter was -1") or lies outside the optimisation profile, which TensorRT reports as an error."""
         shape = tuple(int(d) for d in shape)
         self.cuda.events.append(("shape", self.number, name, shape))
         if name not in self.engine.inputs:
@@ -134,9 +163,11 @@ class IExecutionContext:
         return True
 
     def set_tensor_address(self, name, memory):
-        """[rt] False for an unknown name or an address that is not 256-byte aligned; [pb] memory is an int."""
-        if not isinstance(memory, int):
-            raise TypeError("set_tensor_address(): incompatible function arguments (memory: typing.SupportsInt)")
+        """[rt] False for a name that is no input or output ("Return false if the provided name does not map to
+        an input or output tensor"), and for an address below the "at least 256-byte alignment" it requires
+        (setInputTensorAddress/setOutputTensorAddress, which take "the same constraints": "false if ... does
+        not meet alignment requirements"); [pb] memory is an integer."""
+        memory = integer(memory, "set_tensor_address", "memory")
         self.cuda.events.append(("address", self.number, name))
         if name not in self.engine.io or memory % ALIGNMENT:
             return False
@@ -152,18 +183,20 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle):
         """[rt] enqueueV3: False unless every input shape and every I/O address is set; an engine that
-        streams weights "will become synchronous, and the graph will not be capturable" (False under capture)."""
-        if not isinstance(stream_handle, int):
-            raise TypeError("execute_async_v3(): incompatible function arguments (stream_handle: typing.SupportsInt)")
-        capturing = self.cuda.capturing is not None
+        streams weights "will become synchronous, and the graph will not be capturable": under capture it
+        fails and invalidates the capture (trtexec, sampleInference.cpp, ends the capture and falls back)."""
+        stream_handle = integer(stream_handle, "execute_async_v3", "stream_handle")
+        graph = self.cuda.capturing
+        capturing = graph is not None and graph.stream.cuda_stream == stream_handle
         self.cuda.events.append(("execute", self.number, stream_handle, capturing))
         if self.cuda.broken or set(self.shapes) != set(self.engine.inputs) or set(self.addresses) != set(self.engine.io):
             return False
         if capturing and self.engine.streams_weights:
+            graph.invalid = "operation not permitted when stream is capturing"
             return False
         kernel = self._kernel()
         if capturing:
-            self.cuda.capturing.kernels.append(kernel)
+            graph.kernels.append(kernel)
         else:
             kernel()
         return True
@@ -319,7 +352,9 @@ class IBuilderConfig:
         return len(self.profiles) - 1
 
     def create_timing_cache(self, serialized_timing_cache):
-        """[nv] createTimingCache returns nullptr ([py] None) for data it cannot read; empty data: a new cache."""
+        """None for data it cannot read (createTimingCache's nullptr: trtexec checks for it, shared/utils/
+        cacheUtils.cpp, and Polygraphy falls back to an empty cache, backend/trt/config.py); [nv] "Size 0 means
+        create a new cache from scratch"."""
         blob = bytes(serialized_timing_cache)
         if not blob:
             return ITimingCache(self.builder.gpu)

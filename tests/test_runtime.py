@@ -510,3 +510,39 @@ def test_auto_backend_falls_back_when_tensorrt_is_found_but_does_not_import(tiny
     assert "not using the engine (TensorRT is installed but does not import" in capsys.readouterr().err
     with pytest.raises(UserError, match="does not import .*use --backend ort"):
         runtime.import_tensorrt()
+
+
+def test_a_failed_capture_gives_the_callers_stream_back(fake_trt):
+    """torch.cuda.graph raises from capture_end before switching the stream back: the caller's must return."""
+    backend, _, _ = fake_trt(cuda_graph=True, streams_weights=True)
+    main = fake_trt.cuda.current
+    backend(*inputs(2))
+    assert backend.graphs is None and fake_trt.cuda.current is main
+
+
+def test_fake_capture_breaks_on_a_synchronize_and_runs_other_streams_at_once(fake_trt):
+    """Guards the fake: [cu] synchronizing the capturing stream invalidates the capture, and work enqueued
+    on another stream during a capture runs at once instead of being recorded."""
+    backend, events, _ = fake_trt(cuda_graph=False)
+    cuda = fake_trt.cuda
+    main = cuda.current
+    x, t, y = inputs(2)
+    graph, other = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.graph(graph, stream=other):
+        assert torch.equal(backend(x, t, y), expected(x, t))         # on backend.stream: not captured
+    assert graph.kernels == [] and ("execute", 0, backend.stream.cuda_stream, False) in events
+    assert cuda.current is main
+    with pytest.raises(fake.CudaError, match="previous error during capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph(), stream=other):
+            with pytest.raises(fake.CudaError, match="not permitted when stream is capturing"):
+                other.synchronize()
+    assert cuda.current is other                     # as torch leaves it: capture_end raised first
+
+
+def test_ort_and_torch_backends_never_import_tensorrt(tiny, monkeypatch):
+    """Only --backend trt or auto looks for TensorRT (importing it where a GPU exists)."""
+    def forbidden():
+        raise AssertionError("TensorRT looked up for a backend that does not use it")
+    monkeypatch.setattr(infer_trt, "trt_unavailable_reason", forbidden)
+    assert infer_trt.choose_backend(infer_trt.parse_args(["--onnx", artifact(tiny), "--backend", "ort"]))[0] == "ort"
+    assert infer_trt.choose_backend(infer_trt.parse_args(["--ckpt", tiny["ckpt"], "--backend", "torch"]))[0] == "torch"
