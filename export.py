@@ -190,8 +190,7 @@ def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
     if not torch.isfinite(out).all():
         raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for this "
                         f"model; deploy model.onnx (fp32)")
-    row = {"batch": batch, **errors(reference(x, t, y), out), "matmuls_in_fp16": f"{in_fp16}/{len(heavy)}"}
-    return row
+    return {"batch": batch, **errors(reference(x, t, y), out), "matmuls_in_fp16": f"{in_fp16}/{len(heavy)}"}
 
 
 def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
@@ -395,8 +394,8 @@ def main(argv=None):
         for name, r in results.items():
             images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, CHECK_CFG)
             r["ddim"] = pixel_difference(reference, images)
-            print(f"  DDIM {args.verify_steps} steps, CFG {CHECK_CFG:g}, seed {args.seed}, 8 images: {name} vs PyTorch largest "
-                  f"pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
+            print(f"  DDIM {args.verify_steps} steps, CFG {CHECK_CFG:g}, seed {args.seed}, 8 images: {name} vs "
+                  f"PyTorch largest pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
 
         for name, r in results.items():
             move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name))
