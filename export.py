@@ -109,7 +109,8 @@ def graph_summary(path):
     try:
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
-        raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: {first_line(e, 200)}") from None
+        raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: "
+                        f"{first_line(e, 200)}") from None
     model = onnx.load(path, load_external_data=False)
     return len(model.graph.node), collections.Counter(n.op_type for n in model.graph.node)
 
@@ -431,8 +432,8 @@ def main(argv=None):
         # The engine against the PyTorch model on the same GPU, before it and its sidecar replace an earlier one.
         model = model.cuda()
         trt_fn = TrtBackend(new_engine, meta=engine_meta)
-        rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, config, args.max_batch, args.verify_steps,
-                                  args.seed)
+        rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, config, args.max_batch,
+                                  args.verify_steps, args.seed)
         move_into_place(new_engine, engine_path)
         write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
     finally:

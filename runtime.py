@@ -65,7 +65,8 @@ def model_from_checkpoint(path, device="cpu", use_ema=True):
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its model config ({first_line(e)}); the file is corrupt") from None
+        raise UserError(f"{path}: weights do not match its model config ({first_line(e)}); "
+                        f"the file is corrupt") from None
     class_names = ckpt.get("class_names") or [str(i) for i in range(model_config.num_classes)]
     return model.to(device).eval(), GaussianDiffusion(diffusion_config), class_names, ckpt
 
@@ -409,13 +410,16 @@ class TrtBackend:
             self.stream = torch.cuda.Stream()              # TensorRT syncs more on the default stream
         # Captured in thread-local mode, as trtexec does (samples/common/sampleDevice.h): only this thread's
         # unsafe CUDA calls can invalidate the capture, not another thread's.
-        self.graphs = (CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1, capture_error_mode="thread_local")
-                       if cuda_graph else None)
+        self.graphs = None
+        if cuda_graph:
+            self.graphs = CudaGraphs(self._prepare_graph, stream=self.stream, warmup=1,
+                                     capture_error_mode="thread_local")
 
     def _new_context(self):
         context = self.engine.create_execution_context()
         if context is None:              # e.g. no device memory left for its activations
-            raise UserError("TensorRT could not create an execution context (out of GPU memory? see its log above)")
+            raise UserError("TensorRT could not create an execution context (out of GPU memory? "
+                            "see its log above)")
         return context
 
     def _bind(self, context, x, t, y):
