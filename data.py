@@ -70,6 +70,7 @@ MIRRORS = {  # tried in order; yann.lecun.com often refuses scripted downloads, 
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
 }
 SYSTEM_DIRS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist"}  # Debian package dataset-fashion-mnist
+SHIPPED_DIRS = {"mnist": Path(__file__).resolve().parent / "mnist"}   # the official files, in the repository
 CLASS_NAMES = {
     "mnist": [str(d) for d in range(10)],
     "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -156,11 +157,12 @@ def read_idx(path: Path, magic: int, md5s: tuple[str, str] | None = None) -> np.
 
 
 def find_idx_file(name: str, stem: str, data_dir: Path | None, allow_download: bool) -> Path:
-    """data_dir if given (no network); else the system copy, else the cache, downloading into it if allowed."""
+    """data_dir if given (no network); else the repository's or the system's copy, else the cache, downloading
+    into it if allowed."""
     if data_dir:
         folders = [data_dir]
     else:
-        folders = [Path(SYSTEM_DIRS[name])] if name in SYSTEM_DIRS else []
+        folders = [Path(d[name]) for d in (SHIPPED_DIRS, SYSTEM_DIRS) if name in d]
         folders.append(cache_dir(name))
     for folder in folders:
         for candidate in (folder / (stem + ".gz"), folder / stem):

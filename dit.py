@@ -138,7 +138,11 @@ class Attention(nn.Module):
 
     def forward(self, x):                                                  # (N, T, D)
         qkv = rearrange(self.qkv(x), "n t (three h d) -> three n h t d", three=3, h=self.num_heads)
-        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])         # (N, H, T, D/H)
+        if torch.is_autocast_enabled(x.device.type):   # bf16 autocast: the attention in fp32
+            with torch.autocast(x.device.type, enabled=False):
+                x = F.scaled_dot_product_attention(qkv[0].float(), qkv[1].float(), qkv[2].float())
+        else:
+            x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])         # (N, H, T, D/H)
         return self.proj(rearrange(x, "n h t d -> n t (h d)"))             # (N, T, D)
 
 

@@ -16,6 +16,7 @@ torch.Generator seeded with --seed (identical on every DDP rank), and rank r kee
 averaged DDP gradient is the single-process gradient. Only label dropout (inside the model) uses the
 global RNG, seeded with seed + rank. Every RNG state is checkpointed: a resume is bit-exact on CPU.
 """
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -23,6 +24,7 @@ import datetime
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -41,6 +43,7 @@ LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", batch_size=128, lr=2e-4,
 PREDICTIONS, TIMESTEP_DRAWS, LOSS_WEIGHTS = ("eps", "x0", "v"), ("uniform", "logit-normal"), ("none", "min-snr", "v-clipped")
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
+COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # CPU compile takes ~20 s and then saves ~15 % of each step
 GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
 
 
@@ -84,16 +87,28 @@ def build_parser():
     a("--sample-every", type=nonnegative_int, default=1000, help="steps between 8x8 sample grids (0 = only at the end)")
     a("--sample-cfg", type=nonnegative_float, default=1.0, help="classifier-free guidance scale of those grids")
     a("--ckpt-every", type=nonnegative_int, default=1000, help="steps between checkpoints (0 = only at the end)")
+    a("--snapshot-minutes", type=minutes_list, default=(), help="also keep the checkpoint as OUT/ckpt_<M>min.pt "
+      "when the run's wall time passes each of these minutes, e.g. 10,30,60 (a quality-versus-time curve)")
     a("--log-every", type=positive_int, default=50, help="steps between log.csv rows and progress lines")
     a("--amp", default="auto", choices=("auto", "off", "fp16", "bf16"),
       help="auto: bf16 on GPUs that have it, fp16 + GradScaler on others (T4), off on CPU")
-    a("--compile", action="store_true", help="torch.compile the model for training (faster steps, same math)")
+    a("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+      help="torch.compile the model for training: faster steps, same math (auto: on a CPU for runs of "
+      f"{COMPILE_MIN_STEPS:,}+ steps and {COMPILE_MIN_MINUTES}+ minutes, where the compile time pays back)")
     a("--threads", type=positive_int, default=None, help="CPU threads (None: torch's, one per core)")
     a("--max-minutes", type=positive_float, default=None, help="stop cleanly after this wall time, with a checkpoint "
       f"(None: no limit, but {CPU_MINUTES} on a CPU when --steps is not given either)")
     a("--ddp-timeout", type=positive_float, default=300, help="seconds a DDP process waits for the others before "
       "it gives up (a stopped or hung process ends the run, resumable from its last checkpoint)")
     return p
+
+
+def minutes_list(text):
+    """'10,30,60' -> (10.0, 30.0, 60.0), increasing."""
+    minutes = tuple(positive_float(m) for m in text.split(",") if m.strip())
+    if list(minutes) != sorted(set(minutes)):
+        raise argparse.ArgumentTypeError(f"{text!r}: give increasing minutes, e.g. 10,30,60")
+    return minutes
 
 
 def parse_args(argv):
@@ -235,8 +250,21 @@ def configure(args, world, device, say):
     args.model = args.model or (GPU_MODEL if device.type == "cuda" else CPU_MODEL)
     args.batch_size = args.batch_size or (GPU_BATCH if device.type == "cuda" else CPU_BATCH)
     args.steps = args.steps or GPU_STEPS
+    if args.compile == "auto":
+        short = args.steps < COMPILE_MIN_STEPS or (args.max_minutes or math.inf) < COMPILE_MIN_MINUTES
+        args.compile = "off" if not cpu or short else "on"
+        if args.compile == "on" and not cpp_compiler():
+            args.compile = "off"
+            say("no C++ compiler found for torch.compile (install g++ or set $CXX): training without --compile")
+    elif args.compile == "on" and cpu and not cpp_compiler():
+        raise UserError("--compile needs a C++ compiler on a CPU (install g++ or set $CXX), or pass --compile off")
     if args.batch_size % world:
         raise UserError(f"--batch-size {args.batch_size} is not divisible by the {world} DDP processes")
+
+
+def cpp_compiler():
+    """The C++ compiler torch.compile's CPU backend (Inductor) calls, or None: $CXX, else g++ (clang++ on macOS)."""
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
 def run_folder(args):
@@ -348,15 +376,16 @@ def train(args, out, rank, world, device):
     if step >= args.steps:
         say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
         return None
-    net = wrap(model, args.compile, world, device)
+    net = wrap(model, args.compile == "on", world, device)
     say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, {args.dataset} "
-        f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype or 'off'} -> {out}")
+        f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype or 'off'}"
+        f"{', compiled' if args.compile == 'on' else ''} -> {out}")
 
-    def save(step_done, wall):
+    def save(step_done, wall, path=ckpt_path):
         """Checkpoint (rank 0 writes; every rank contributes its RNG state)."""
         states = rng_states(world, device)
         if master:
-            save_checkpoint(ckpt_path, {
+            save_checkpoint(path, {
                 "model_config": config_dict(config), "diffusion_config": config_dict(diff_config),
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None, "step": step_done, "wall_time_s": wall,
@@ -370,6 +399,7 @@ def train(args, out, rank, world, device):
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     B, local = args.batch_size, slice(rank, None, world)
     losses, skipped, t_log, note = [], 0, time.time(), ""       # since the last log row
+    snapshots = [m for m in args.snapshot_minutes if 60 * m > wall_before]   # those a resumed run has not passed
     try:
         log = RunLog(log_path, step) if master else None
         # ======================================= the loop =======================================
@@ -392,7 +422,9 @@ def train(args, out, rank, world, device):
             # NaN, signal, time limit: decided together on all ranks, before anything is saved
             timed_out = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
             bad = not math.isfinite(loss_value) and scaler is None   # fp16: GradScaler skips such steps
-            bad, stopping = over_ranks([bad, stop.signum is not None or timed_out], "max", world, device)
+            snapshot = bool(snapshots) and wall_before + time.time() - t_start >= 60 * snapshots[0]
+            bad, stopping, snapshot = over_ranks([bad, stop.signum is not None or timed_out, snapshot], "max", world,
+                                                 device)
             if bad:
                 raise UserError(f"loss became {loss_value} at step {step}; last good checkpoint: {last_good}; "
                                 f"lower --lr or use --amp off")
@@ -415,6 +447,8 @@ def train(args, out, rank, world, device):
             if end or (args.ckpt_every and step % args.ckpt_every == 0):
                 save(step, wall)
                 last_good = f"{ckpt_path} (step {step})"
+            if snapshot:
+                save(step, wall, os.path.join(out, f"ckpt_{snapshots.pop(0):g}min.pt"))
             t_log += time.time() - t_pause
             if stopping:
                 break
