@@ -36,13 +36,37 @@ def first_line(error, limit=160):
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
-def run_cli(main):
-    """Run a script's main(); a UserError becomes `script: error: message` and exit status 2, not a traceback."""
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
+
+
+def run_cli(main, memory_hint="lower --batch-size"):
+    """Run a script's main(); a UserError becomes `script: error: message` and exit status 2, not a traceback.
+    Ctrl-C is one line and exit status 130 (every file is written atomically, so none is left half-written);
+    running out of memory is one line that names the flag to lower (memory_hint)."""
+    name = os.path.basename(sys.argv[0])
     try:
         main()
     except UserError as e:
-        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
+        sys.exit(130)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or OUT_OF_MEMORY.search(str(e))):
+            raise
+        print(f"{name}: error: out of memory ({first_line(e, 80) or 'MemoryError'}); {memory_hint}", file=sys.stderr)
+        sys.exit(2)
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends (default: X) to a flag's help, except where there is nothing to say: a required flag, a default
+    of None (the help text says what None means), or a help text that already names its default."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or "(None" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -50,7 +74,7 @@ class ArgumentParser(argparse.ArgumentParser):
     status 2) without the usage block, and --help shows every flag's default."""
 
     def __init__(self, **kwargs):
-        super().__init__(**{"formatter_class": argparse.ArgumentDefaultsHelpFormatter, **kwargs})
+        super().__init__(**{"formatter_class": DefaultsHelpFormatter, **kwargs})
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -95,8 +119,8 @@ class Progress:
     terminal the line is rewritten in place; in a log file a new line comes at most every `every` seconds
     (and whenever update is forced). With a time limit, percent and time left follow whichever ends first."""
 
-    def __init__(self, total, what="", time_limit=None, every=30.0, file=None):
-        self.total, self.what, self.time_limit, self.every = total, what, time_limit, every
+    def __init__(self, total, what="", time_limit=None, every=30.0, file=None, budget=None):
+        self.total, self.what, self.time_limit, self.every, self.budget = total, what, time_limit, every, budget
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
         self.t0, self.last, self.first = time.monotonic(), -float("inf"), None
@@ -110,9 +134,11 @@ class Progress:
         self.first = self.first or (now, done)
         rate = (done - self.first[1]) / max(now - self.first[0], 1e-9)
         fraction, left = done / self.total, (self.total - done) / rate if rate > 0 else float("inf")
-        if self.time_limit is not None:
-            fraction, left = max(fraction, elapsed / self.time_limit), min(left, max(self.time_limit - elapsed, 0))
-        line = (f"{self.what}{done}/{self.total} ({min(fraction, 1):.0%}){note} | {duration(elapsed)} elapsed, "
+        count = f"{done}/{self.total} ({min(fraction, 1):.0%})"
+        if self.time_limit is not None and self.time_limit - elapsed < left:   # the clock ends the work first
+            fraction, left = elapsed / self.time_limit, max(self.time_limit - elapsed, 0)
+            count = f"{done} ({min(fraction, 1):.0%} of {self.budget or duration(self.time_limit)})"
+        line = (f"{self.what}{count}{note} | {duration(elapsed)} elapsed, "
                 + (f"{duration(left)} left" if left < float("inf") else "time left unknown"))
         print("\r" + line + "\x1b[K" if self.tty else line, end="" if self.tty else "\n", file=self.file, flush=True)
 
@@ -122,14 +148,18 @@ class Progress:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM set .signum: a long loop finishes its step, saves and exits. A second signal kills."""
+    """SIGINT/SIGTERM set .signum: a long loop finishes its step, saves and exits. A second signal kills.
+    `message` is printed at once on Ctrl-C (SIGINT), so that the user knows it was heard."""
 
-    def __init__(self):
-        self.signum, self.previous = None, {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    def __init__(self, message=None):
+        self.signum, self.message = None, message
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
         self.signum = signum
         signal.signal(signum, self.previous[signum])
+        if self.message and signum == signal.SIGINT:
+            print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def restore(self):
         for s, h in self.previous.items():
@@ -250,6 +280,8 @@ class RunLock:
 
 def check_writable(path):
     """Fail before minutes of work, not after, when the output cannot be written."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a file; give a file name (inside it, if you like)")
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"cannot write to {folder}: it is a file, not a folder; choose another output path")
@@ -259,6 +291,28 @@ def check_writable(path):
             pass
     except OSError as e:
         raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable output path") from None
+
+
+def same_file(a, b):
+    """Whether two paths name one file, however spelled: relative, with .., through a symlink, a hard link."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:             # one of them does not exist (yet)
+        return False
+
+
+def refuse_overwrite(outputs, inputs):
+    """Before any work: no output may be one of the inputs, nor an input's sidecar (.json) or external
+    weights (.data). outputs, inputs: {flag: path or None}."""
+    for out_flag, out in outputs.items():
+        for in_flag, given in inputs.items():
+            for path, what in ((given, ""), (f"{given}.json", "the sidecar of "), (f"{given}.data", "the weights of ")):
+                if out and given and same_file(out, path):
+                    raise UserError(f"{out_flag} {out} would overwrite {what}{in_flag} {given}, an input of this run; "
+                                    f"choose another output path")
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -320,6 +374,23 @@ class RunLog:
 #   class_names           label names of the training set (["0", ..., "9"] for MNIST)
 #   step, optimizer, rng, args, ...   training state for --resume (train.py adds what it needs)
 # runtime.model_from_checkpoint turns one back into a DiT.
+
+# The trained model the repository ships (train.py's CPU default, EMA weights; its record is in the file and in
+# docs/results.md): what the sampling, export and measuring scripts use when --ckpt is not given.
+SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "dit-t4-mnist.pt")
+SHIPPED_EXPORT_DIR = os.path.join("runs", "shipped")   # export.py's folder for it (not inside the repository's files)
+
+
+def checkpoint_or_shipped(path):
+    """--ckpt as given, or (None) the shipped checkpoint, said in one line on stderr."""
+    if path is not None:
+        return path
+    if not os.path.isfile(SHIPPED_CKPT):
+        raise UserError(f"no --ckpt given and the shipped model {SHIPPED_CKPT} is missing; pass --ckpt RUN/ckpt.pt")
+    print(f"note: no --ckpt given: using the shipped model {os.path.relpath(SHIPPED_CKPT)} (DiT-T/4 trained on MNIST)",
+          file=sys.stderr)
+    return SHIPPED_CKPT
+
 
 CHECKPOINT_FORMAT = "dit-checkpoint"
 CHECKPOINT_VERSION = 2          # version 2 carries the checksum; version 1 files (without one) still load
@@ -428,6 +499,11 @@ def add_sampling_args(parser, default_out):
     a("--out", default=default_out, help="PNG grid to write; the label names go beside it as .txt")
     a("--device", default=None, help="cpu, cuda, cuda:N for PyTorch (None: cuda if available)")
     a("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's, one per core)")
+
+
+def label_table_path(png_path):
+    """grid.png -> grid.txt: where the label names of a sampled grid go."""
+    return os.path.splitext(os.fspath(png_path))[0] + ".txt"
 
 
 def check_sampling_args(args):

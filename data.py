@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import DiskFull, UserError, atomic_write
+from cli import DiskFull, UserError, atomic_write, label_table_path
 
 
 class DataError(UserError):
@@ -293,8 +293,9 @@ def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.n
     elif split == "test":
         raise DataError(f"{data_dir} has no train/ and test/ subfolders, so no test split; use split 'train'")
     class_names = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
-    images, labels = [], []
+    images, labels, empty = [], [], []
     for label, class_name in enumerate(class_names):
+        before = len(images)
         for path in sorted((data_dir / class_name).rglob("*")):
             if path.suffix.lower() not in IMAGE_SUFFIXES or path.name.startswith("."):
                 continue  # README, .DS_Store and such are not images
@@ -305,8 +306,12 @@ def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.n
                 raise DataError(f"{path}: unreadable image ({e}); delete or replace it") from None
             images.append(np.asarray(fit_square(image, size)).transpose(2, 0, 1))  # (3, size, size)
             labels.append(label)
+        if len(images) == before:
+            empty.append(data_dir / class_name)
     if not images:
         raise DataError(f"no images under {data_dir}: expected {data_dir}/<class>/<image>")
+    if empty:                                  # a class without images would still get a label and a grid row
+        raise DataError(f"class folder {empty[0]} holds no images; add some or remove the folder")
     return np.stack(images), np.array(labels, np.int64), class_names
 
 #################################################################################
@@ -353,7 +358,8 @@ def load_dataset(name: str, data_dir: str | None = None, split: str = "train", i
         raise DataError(f"channels must be 1 or 3 (got {channels}) and image_size >= 1 (got {image_size})")
     root = Path(data_dir).expanduser() if data_dir else None
     if root is not None and not root.is_dir():
-        raise DataError(f"data dir {root} does not exist; pass --data-dir with an existing folder")
+        what = "is a file, not a folder" if root.exists() else "does not exist"
+        raise DataError(f"data dir {root} {what}; pass --data-dir with an existing folder")
     if name in ("mnist", "fashion-mnist"):
         images, labels = load_idx_dataset(name, root, split, download)
         images, class_names = pad_or_resize(images[:, None], image_size, pad=True), CLASS_NAMES[name]
@@ -421,7 +427,7 @@ def write_label_table(labels, class_names, png_path, nrow):
     prompt table. Returns the .txt path."""
     names = [class_names[i] for i in labels]
     table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
-    txt_path = os.path.splitext(png_path)[0] + ".txt"
+    txt_path = label_table_path(png_path)
     atomic_write(txt_path, lambda f: f.write(table), binary=False)
     return txt_path
 
@@ -429,21 +435,27 @@ def write_label_table(labels, class_names, png_path, nrow):
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
+def label_spelling(name):
+    """How a class name is typed in --labels: lower case, spaces as underscores ('Ankle boot' -> 'ankle_boot')."""
+    return name.lower().replace(" ", "_")
+
+
 def parse_labels(text, class_names):
-    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class indices, class names (case-insensitive) and, for
-    digit datasets (classes named "0", "1", ...), English number words; separators are spaces and commas."""
-    lookup = {name.lower(): i for i, name in enumerate(class_names)}
+    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class indices
+    and, for digit datasets (classes named "0", "1", ...), English number words; separators are spaces and
+    commas. A name wins over an index: image-folder classes named "1", "3", "7" are asked for by name."""
+    lookup = {label_spelling(name): i for i, name in enumerate(class_names)}
     if class_names == [str(i) for i in range(len(class_names))] and len(class_names) <= len(DIGIT_WORDS):
         lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
     labels = []
     for token in text.replace(",", " ").split():
         word = token.lower()
-        if re.fullmatch(r"[+-]?\d+", word):
+        if word in lookup:
+            i = lookup[word]
+        elif re.fullmatch(r"[+-]?\d+", word):
             i = int(word)
             if not 0 <= i < len(class_names):
                 raise UserError(f"label {token} is out of range: this model has classes 0-{len(class_names) - 1}")
-        elif word in lookup:
-            i = lookup[word]
         else:
             raise UserError(f"unknown label {token!r}: use a class number 0-{len(class_names) - 1} or a name "
                             f"such as {', '.join(repr(n) for n in list(lookup)[:3])}")

@@ -2,6 +2,7 @@
 Export a trained DiT for deployment: ONNX (fp32 and fp16), checked against PyTorch in ONNX Runtime,
 then a TensorRT 11 fp16 engine when TensorRT and a CUDA GPU are present.
 
+    python export.py                                           # the shipped model -> runs/shipped/
     python export.py --ckpt runs/mnist/ckpt.pt                 # files go next to the checkpoint
     python export.py --ckpt runs/mnist/ckpt.pt --out-dir deploy --batch-size 64 --max-batch 256
 
@@ -21,14 +22,16 @@ import collections
 import contextlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 
-from cli import (DEFAULT_BATCH_SIZE, ArgumentParser, UserError, atomic_write, check_writable, config_dict, file_sha256,
-                 first_line, nonnegative_int, positive_int, run_cli)
+from cli import (DEFAULT_BATCH_SIZE, SHIPPED_CKPT, SHIPPED_EXPORT_DIR, ArgumentParser, UserError, atomic_write,
+                 check_writable, checkpoint_or_shipped, config_dict, file_sha256, first_line, nonnegative_int,
+                 positive_int, refuse_overwrite, run_cli, same_file)
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
 FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
@@ -46,8 +49,10 @@ EXPERIMENTAL_OPSET = 23  # emits ONNX Attention nodes, which TensorRT's ONNX imp
 def parse_args(argv):
     p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
     a = p.add_argument
-    a("--ckpt", required=True, help="checkpoint written by train.py")
-    a("--out-dir", default=None, help="folder for the files (None: the checkpoint's folder)")
+    a("--ckpt", default=None, help="checkpoint written by train.py (None: the shipped model, "
+      "checkpoints/dit-t4-mnist.pt)")
+    a("--out-dir", default=None, help=f"folder for the files (None: the checkpoint's folder; {SHIPPED_EXPORT_DIR} "
+      "for the shipped model)")
     a("--weights", choices=("ema", "model"), default="ema", help="the EMA or the raw trained weights")
     a("--opset", type=int, default=20, choices=OPSETS, help=f"ONNX opset; {EXPERIMENTAL_OPSET} is experimental "
       "(ONNX Attention nodes, new in TensorRT's importer)")
@@ -320,17 +325,40 @@ def print_parity(name, rows):
               f"rel-L2 {r['rel_l2']:.2e}  (max|ref| {r['ref_max']:.2f})")
 
 
+def remove_dead_exports(out_dir):
+    """The temp folders of exports that were killed (.export-<pid>-*, the pid no longer running; older ones
+    without a pid), so they do not pile up."""
+    for name in os.listdir(out_dir):
+        match = re.fullmatch(r"\.export-(?:(\d+)-)?\w+", name)
+        if not match or not os.path.isdir(os.path.join(out_dir, name)):
+            continue
+        if match.group(1):
+            try:
+                os.kill(int(match.group(1)), 0)          # signal 0: only asks whether the process exists
+                continue
+            except ProcessLookupError:
+                pass
+            except PermissionError:                       # it exists, owned by someone else
+                continue
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.opset == EXPERIMENTAL_OPSET:
         print(f"note: opset {args.opset} is experimental: its ONNX Attention nodes are new to TensorRT's importer")
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.ckpt))
+    args.ckpt = checkpoint_or_shipped(args.ckpt)
+    shipped = same_file(args.ckpt, SHIPPED_CKPT)
+    out_dir = args.out_dir or (SHIPPED_EXPORT_DIR if shipped else os.path.dirname(os.path.abspath(args.ckpt)))
 
+    written = ("model.onnx", "model_fp16.onnx", "model_fp16.engine", "model_fp16.timing.cache")
+    refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in written + tuple(f + ".json" for f in written)},
+                     {"--ckpt": args.ckpt})
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu", use_ema=args.weights == "ema")
     check_writable(os.path.join(out_dir, "model.onnx"))
     config, pred = model.config, diffusion.config.prediction
     chw = (config.in_channels, config.image_size, config.image_size)
-    weights = "ema" if args.weights == "ema" and ckpt.get("ema") is not None else "model"
+    weights = "ema" if args.weights == "ema" and (ckpt.get("ema") is not None or ckpt.get("sampling_only")) else "model"
     print(f"{args.ckpt}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
           f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
           f"{config.image_size}, {config.image_size})")
@@ -347,7 +375,8 @@ def main(argv=None):
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     # Everything is written into a hidden temp folder and moved next to the checkpoint only once checked.
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".export-")
+    remove_dead_exports(out_dir)
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".export-{os.getpid()}-")
     try:
         example = random_inputs(config, diffusion.num_timesteps, 2, torch.Generator().manual_seed(args.seed))
         torch_fn = TorchBackend(model)
@@ -443,4 +472,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --max-batch")

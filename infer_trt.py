@@ -9,7 +9,8 @@ comparison) the PyTorch checkpoint, through diffusion.py's samplers, the same on
 The files written by export.py are enough: the model and diffusion configs and the class names come
 from the file's sidecar (`<file>.json`). --ckpt is needed only for --backend torch and --compare (when
 the sidecar's checkpoint path no longer exists); when given it must be the checkpoint the file was
-exported from, or the run stops with the command that fixes it.
+exported from, or the run stops with the command that fixes it. With no --engine, --onnx or --ckpt:
+the shipped model, through the files `python export.py` wrote for it in runs/shipped/ if they exist.
 
 Backend (default: the fastest available): trt (TensorRT + CUDA GPU), else ort, else torch. A missing
 file for the chosen backend is looked up next to the others: model_fp16.engine, model.onnx.
@@ -18,9 +19,14 @@ import os
 import sys
 import time
 
-from cli import ArgumentParser, UserError, add_sampling_args, check_sampling_args, pick_device, run_cli
+from cli import (SHIPPED_EXPORT_DIR, ArgumentParser, UserError, add_sampling_args, check_sampling_args,
+                 checkpoint_or_shipped, label_table_path, pick_device, refuse_overwrite, run_cli)
 
 ENGINE_NAME, ONNX_NAME = "model_fp16.engine", "model.onnx"
+# --compare's verdict: the largest pixel difference (of 255 grey levels) allowed against PyTorch fp32. The fp32
+# ONNX graph computes what PyTorch does up to rounding; the fp16 engine rounds every matmul to fp16.
+PIXEL_TOLERANCE = {"trt": 8.0, "ort": 1.0, "torch": 0.0}
+NEAR_ZERO = 1e-3        # a reference network whose outputs stay below this is untrained: any comparison passes
 BACKENDS = ("trt", "ort", "torch")      # fastest first; spelled out so flags parse before torch loads
 
 
@@ -57,9 +63,9 @@ from runtime import (TorchBackend, check_sidecar, choose_labels, configs_from_ch
 def choose_backend(args):
     """The backend to run and its file: --backend, or the fastest one whose file and runtime are here."""
     given = args.engine or args.onnx or args.ckpt
-    if given is None:
-        raise UserError("no model given; pass --engine FILE.engine, --onnx FILE.onnx or --ckpt ckpt.pt "
-                        "(export.py writes the first two)")
+    if given is None:                # the shipped model, and the files `python export.py` made from it
+        args.ckpt = checkpoint_or_shipped(None)
+        given = os.path.join(SHIPPED_EXPORT_DIR, ONNX_NAME)
     for flag, path in (("--engine", args.engine), ("--onnx", args.onnx), ("--ckpt", args.ckpt)):
         if path and not os.path.isfile(path):
             raise UserError(f"{flag} {path} does not exist; export.py writes the engine and the ONNX files")
@@ -75,6 +81,9 @@ def choose_backend(args):
     if backend == "auto":
         backend = ("trt" if not no_trt and os.path.isfile(engine) else "ort" if os.path.isfile(onnx_path)
                    else "torch" if args.ckpt else None)
+        if backend is None and args.engine:
+            raise UserError(f"--engine {args.engine} needs TensorRT, and {no_trt}; run the ONNX file export.py wrote "
+                            f"beside it instead (--onnx)")
         if backend is None:
             raise UserError(f"nothing to run: {onnx_path} does not exist and the engine needs TensorRT "
                             f"({no_trt or 'the engine file is missing'}); pass --onnx or --ckpt")
@@ -100,7 +109,7 @@ class Timed:
 
     def __init__(self, fn, device):
         self.fn, self.cuda = fn, torch.device(device).type == "cuda"
-        self.calls, self.seconds = 0, 0.0
+        self.calls, self.seconds, self.max_abs = 0, 0.0, 0.0
 
     def __call__(self, x, t, y):
         if self.cuda:
@@ -111,6 +120,7 @@ class Timed:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - start
         self.calls += 1
+        self.max_abs = max(self.max_abs, out.abs().max().item())
         return out
 
     @property
@@ -119,7 +129,8 @@ class Timed:
 
 
 def run_sampler(fn, diffusion, model_config, class_names, args):
-    """All images, drawn as sample.py draws them (runtime.draw_samples), the labels and the seconds it took."""
+    """All images, drawn as sample.py draws them (runtime.draw_samples), the labels, the seconds it took and
+    the timed model call (ms per call, largest output)."""
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, class_names, generator)
     timed = Timed(fn, fn.device)
@@ -127,7 +138,7 @@ def run_sampler(fn, diffusion, model_config, class_names, args):
     images = draw_samples(timed, diffusion, model_config, labels, generator, sampler=args.sampler, steps=args.steps,
                           cfg_scale=args.cfg_scale, eta=args.eta, thresholding=args.thresholding,
                           batch_size=args.batch_size, device=fn.device)
-    return images, labels, time.perf_counter() - start, timed.ms_per_call
+    return images, labels, time.perf_counter() - start, timed
 
 
 def main(argv=None):
@@ -135,28 +146,38 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     backend, path = choose_backend(args)
+    refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
+                     {"--engine": args.engine, "--onnx": args.onnx, "--ckpt": args.ckpt, f"the {backend} file": path})
     fn = open_backend(backend, path, ckpt_path=args.ckpt, device=pick_device(args.device), cuda_graph=args.cuda_graph)
+    compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None    # found before the sampling
     model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)   # sidecar (checked) or checkpoint
     diffusion = GaussianDiffusion(diffusion_config)
     class_names = fn.meta.get("class_names") or [str(i) for i in range(model_config.num_classes)]
 
-    images, labels, seconds, ms = run_sampler(fn, diffusion, model_config, class_names, args)
+    images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, args)
     save_grid(images, args.out, nrow=args.nrow)
     write_label_table(labels, class_names, args.out, args.nrow)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
     print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
-          f"seed {args.seed}, {seconds:.2f} s, {ms:.2f} ms per network call -> {args.out}")
+          f"seed {args.seed}, {seconds:.2f} s, {timed.ms_per_call:.2f} ms per network call -> {args.out}")
 
     if args.compare:
         weights = fn.meta.get("checkpoint", {}).get("weights", "ema")
-        model, _, _, _ = model_from_checkpoint(checkpoint_for(args, fn.meta, path), pick_device(args.device),
-                                               use_ema=weights == "ema")
-        ref_images, _, ref_seconds, ref_ms = run_sampler(TorchBackend(model), diffusion, model_config, class_names, args)
-        diff = pixel_difference(images, ref_images)
-        print(f"torch on {next(model.parameters()).device}: {ref_seconds:.2f} s, {ref_ms:.2f} ms per network call")
-        print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 (uint8: {diff['uint8']}); "
-              f"speed-up {ref_ms / max(ms, 1e-9):.2f}x per call")
+        model, _, _, _ = model_from_checkpoint(compare_ckpt, pick_device(args.device), use_ema=weights == "ema")
+        ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config, class_names, args)
+        diff, tolerance = pixel_difference(images, ref_images), PIXEL_TOLERANCE[backend]
+        verdict = "PASS" if diff["float"] <= tolerance else "FAIL"
+        print(f"torch on {next(model.parameters()).device} ({weights} weights of {compare_ckpt}): {ref_seconds:.2f} s, "
+              f"{ref.ms_per_call:.2f} ms per network call")
+        print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 (uint8: {diff['uint8']}), "
+              f"tolerance {tolerance:g} / 255: {verdict}; speed-up {ref.ms_per_call / max(timed.ms_per_call, 1e-9):.2f}x "
+              f"per call")
+        if ref.max_abs < NEAR_ZERO:
+            print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} (largest {ref.max_abs:.2g}): an "
+                  f"untrained model, so this comparison shows nothing", file=sys.stderr)
+        if verdict == "FAIL":
+            sys.exit(1)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --batch-size or --num-samples")

@@ -61,6 +61,9 @@ def model_from_checkpoint(path, device="cpu", use_ema=True):
     ckpt = load_checkpoint(path)
     model_config, diffusion_config = configs_from_checkpoint(ckpt, path)
     model = DiT(model_config)
+    if not use_ema and ckpt.get("sampling_only"):
+        raise UserError(f"{path} is a sampling-only checkpoint: it holds the EMA weights only; drop --no-ema "
+                        f"(or --weights model)")
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     try:
         model.load_state_dict(weights)
@@ -174,6 +177,10 @@ def check_sidecar(meta, artifact, ckpt_path=None, gpu_name=None):
     compared) or, for an engine, was built on another GPU (gpu_name: the GPU it is about to run on)."""
     artifact = os.fspath(artifact)
     if artifact_sha256(artifact) != meta.get("artifact_sha256"):
+        recorded, data = str(meta.get("artifact_sha256")), artifact + ".data"
+        if "+" not in recorded and os.path.isfile(data) and file_sha256(artifact) == recorded:
+            raise UserError(f"{data} does not belong to {artifact}, which was exported with its weights inside it; "
+                            f"delete {data}")
         raise UserError(f"{artifact} differs from the file its sidecar describes (replaced after export?); "
                         f"rerun export.py")
     source = meta.get("checkpoint", {})

@@ -1,6 +1,7 @@
 """
 Draw class-conditional samples from a checkpoint written by train.py into a PNG grid.
 
+    python sample.py --labels "2 4 one nine 2 eight 7 9" --out runs/grid.png   # the shipped model
     python sample.py --ckpt runs/dit-t-4-mnist/ckpt.pt --labels "2 4 one nine 2 eight 7 9" --out grid.png
     python sample.py --ckpt RUN/ckpt.pt --num-samples 64 --label-order cycle --sampler ddim --steps 25
 
@@ -12,12 +13,14 @@ CPU generator seeded with --seed, so a seed gives the same images whatever --bat
 """
 import sys
 
-from cli import ArgumentParser, add_sampling_args, check_sampling_args, pick_device, run_cli
+from cli import (ArgumentParser, add_sampling_args, check_sampling_args, checkpoint_or_shipped, label_table_path,
+                 pick_device, refuse_overwrite, run_cli)
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by train.py (RUN/ckpt.pt)")
+    p.add_argument("--ckpt", default=None, help="checkpoint written by train.py, RUN/ckpt.pt (None: the shipped "
+                   "model, checkpoints/dit-t4-mnist.pt)")
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
@@ -41,6 +44,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
+    args.ckpt = checkpoint_or_shipped(args.ckpt)
+    refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)}, {"--ckpt": args.ckpt})
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, device, use_ema=not args.no_ema)
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, class_names, generator)
@@ -55,4 +60,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --batch-size or --num-samples")

@@ -24,6 +24,7 @@ import datetime
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -44,7 +45,7 @@ PREDICTIONS, TIMESTEP_DRAWS, LOSS_WEIGHTS = ("eps", "x0", "v"), ("uniform", "log
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
 COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # CPU compile takes ~20 s and then saves ~15 % of each step
-GRID_SEED, GRID_STEPS = 0, 25  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
+GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16   # at most 16 classes shown  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -59,7 +60,8 @@ def build_parser():
     for name, what in zip(SIZE_FLAGS, ("width D", "number of DiT blocks", "attention heads", "patch size p")):
         a(f"--{name.replace('_', '-')}", type=positive_int, default=None, help=f"override the preset's {what}")
     a("--dataset", default="mnist", choices=DATASETS, help="what to train on (data.py)")
-    a("--data-dir", default=None, help="folder with the dataset files (None: data.py's cache, downloading)")
+    a("--data-dir", default=None, help="folder with the dataset files (None: the repository's mnist/ for MNIST, "
+      "else data.py's cache, downloading)")
     a("--image-size", type=positive_int, default=32, help="images are padded or resized to this size")
     a("--channels", type=int, default=None, choices=(1, 3), help="None: the dataset's own")
     a("--batch-size", type=positive_int, default=None, help=f"GLOBAL batch, split evenly over DDP ranks (None: "
@@ -84,10 +86,11 @@ def build_parser():
     a("--resume", default=None, help="checkpoint to continue, or 'auto' = OUT/ckpt.pt if it exists")
     a("--device", default=None, help="cpu, cuda, cuda:N (None: cuda if available)")
     a("--seed", type=int, default=0, help="seed of the weights, batches, noise and label dropout")
-    a("--sample-every", type=nonnegative_int, default=1000, help="steps between 8x8 sample grids (0 = only at the end)")
+    a("--sample-every", type=nonnegative_int, default=1000, help="steps between sample grids, a row of 8 per class "
+      "(0 = only at the end)")
     a("--sample-cfg", type=nonnegative_float, default=1.0, help="classifier-free guidance scale of those grids")
     a("--ckpt-every", type=nonnegative_int, default=1000, help="steps between checkpoints (0 = only at the end)")
-    a("--snapshot-minutes", type=minutes_list, default=(), help="also keep the checkpoint as OUT/ckpt_<M>min.pt "
+    a("--snapshot-minutes", type=minutes_list, default=None, help="also keep the checkpoint as OUT/ckpt_<M>min.pt "
       "when the run's wall time passes each of these minutes, e.g. 10,30,60 (a quality-versus-time curve)")
     a("--log-every", type=positive_int, default=50, help="steps between log.csv rows and progress lines")
     a("--amp", default="auto", choices=("auto", "off", "fp16", "bf16"),
@@ -215,9 +218,9 @@ def update_ema(ema, model, decay, step):
 
 @torch.no_grad()
 def sample_grid(ema, diffusion, config, device, path, cfg_scale):
-    """8x8 grid from the EMA weights: row r is class r (cycling when there are fewer than 8 classes)."""
-    y = torch.tensor([r % config.num_classes for r in range(8) for _ in range(8)], device=device)
-    images = diffusion.sample(ema, (64, config.in_channels, config.image_size, config.image_size), y,
+    """A grid from the EMA weights, 8 images per row: row r is class r (the first GRID_ROWS classes)."""
+    y = torch.tensor([r for r in range(min(config.num_classes, GRID_ROWS)) for _ in range(8)], device=device)
+    images = diffusion.sample(ema, (len(y), config.in_channels, config.image_size, config.image_size), y,
                               sampler="ddim", steps=min(GRID_STEPS, diffusion.num_timesteps), cfg_scale=cfg_scale,
                               null_class=config.null_class, generator=torch.Generator().manual_seed(GRID_SEED),
                               device=device)
@@ -268,15 +271,27 @@ def cpp_compiler():
 
 
 def run_folder(args):
-    """Create the run folder (default runs/<model>-<dataset>) -> its path."""
+    """Create the run folder (default runs/<model>-<dataset>) -> (its path, whether this call created it)."""
     out = args.out or os.path.join("runs", re.sub(r"[^a-z0-9]+", "-", args.model.lower()) + "-" + args.dataset)
+    data_dir = args.data_dir and os.path.realpath(args.data_dir)
+    if data_dir and os.path.commonpath([data_dir, os.path.realpath(out)]) == data_dir:
+        raise UserError(f"--out {out} is inside --data-dir {args.data_dir}: the run's files would become part of "
+                        f"the data; pass an --out outside it")
+    created = not os.path.exists(out)
     try:
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create run folder {out}: {e.strerror}; pass a writable --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"run folder {out} is not writable; pass a writable --out")
-    return out
+    return out, created
+
+
+def remove_if_unused(out):
+    """After a failed start: the run folder this run created, if nothing but its lock and an empty samples/."""
+    with contextlib.suppress(OSError):
+        if set(os.listdir(out)) <= {".lock", "samples"} and not os.listdir(os.path.join(out, "samples")):
+            shutil.rmtree(out)
 
 
 def make_configs(args, ds):
@@ -335,6 +350,9 @@ def resume(args, ckpt_path, state, configs, rank, device, say):
     if not path:
         return 0, 0.0, None
     ckpt = load_checkpoint(path)
+    if ckpt.get("sampling_only"):
+        raise UserError(f"{path} is a sampling-only checkpoint (EMA weights, no optimizer or RNG state): it cannot "
+                        f"be resumed; sample or export from it, or train a new run without --resume")
     missing = [k for k in ("ema", "optimizer", "step", "rng") if k not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
@@ -375,7 +393,7 @@ def train(args, out, rank, world, device):
     step, wall_before, resumed = resume(args, ckpt_path, state, configs, rank, device, say)
     if step >= args.steps:
         say(f"checkpoint is at step {step} >= --steps {args.steps}: nothing to train (raise --steps)")
-        return None
+        return None, False
     net = wrap(model, args.compile == "on", world, device)
     say(f"{args.model}: {count_parameters(model) / 1e6:.2f}M parameters, {args.prediction}-prediction, {args.dataset} "
         f"{tuple(images.shape)}, batch {args.batch_size} over {world} process(es), {device}, amp {amp_dtype or 'off'}"
@@ -392,14 +410,16 @@ def train(args, out, rank, world, device):
                 "rng": {"data": data_gen.get_state(), "ranks": states}, "class_names": ds.class_names,
                 "dataset": args.dataset, "args": vars(args)})
 
-    stop, last_good = StopFlag(), f"{resumed} (step {step})" if resumed else "none was written yet"
+    stop = StopFlag("stopping after this step, with a checkpoint (Ctrl-C again to abort)" if master else None)
+    last_good = f"{resumed} (step {step})" if resumed else "none was written yet"
     log = None
     limit = 60 * args.max_minutes - (time.time() - t_start) if args.max_minutes else None
-    progress = Progress(args.steps, "step ", time_limit=limit, file=sys.stdout) if master else None
+    progress = Progress(args.steps, "step ", time_limit=limit, file=sys.stdout,
+                        budget=f"--max-minutes {args.max_minutes:g}" if args.max_minutes else None) if master else None
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     B, local = args.batch_size, slice(rank, None, world)
     losses, skipped, t_log, note = [], 0, time.time(), ""       # since the last log row
-    snapshots = [m for m in args.snapshot_minutes if 60 * m > wall_before]   # those a resumed run has not passed
+    snapshots = [m for m in args.snapshot_minutes or () if 60 * m > wall_before]   # those a resumed run has not passed
     try:
         log = RunLog(log_path, step) if master else None
         # ======================================= the loop =======================================
@@ -469,19 +489,38 @@ def train(args, out, rank, world, device):
         why = f"stopped after --max-minutes {args.max_minutes}"
     say(f"{why} at step {step} ({(wall_before + time.time() - t_start) / 60:.1f} min in all); "
         f"checkpoint {ckpt_path}, grids in {os.path.join(out, 'samples')}")
-    return stop.signum
+    return stop.signum, step < args.steps
+
+
+def resume_command(argv, out):
+    """The command that continues a run: its own flags, with --resume auto --out OUT."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a in ("--resume", "--out") or a.startswith(("--resume=", "--out=")):
+            skip = a in ("--resume", "--out")
+            continue
+        kept.append(a)
+    return " ".join(["python train.py", *map(shlex.quote, kept), "--resume auto --out", shlex.quote(out)])
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     rank, world, device = setup_ddp(args.device, args.ddp_timeout)
     try:
         configure(args, world, device, print if rank == 0 else (lambda *a, **k: None))
-        out = run_folder(args)
-        with RunLock(out) if rank == 0 else contextlib.nullcontext():
-            signum = train(args, out, rank, world, device)
-            if world > 1:
-                dist.barrier()              # no rank tears gloo down while a peer still talks to it
+        out, created = run_folder(args)
+        try:
+            with RunLock(out) if rank == 0 else contextlib.nullcontext():
+                signum, unfinished = train(args, out, rank, world, device)
+                if unfinished and rank == 0:
+                    print(f"continue it with: {resume_command(argv, out)}")
+                if world > 1:
+                    dist.barrier()          # no rank tears gloo down while a peer still talks to it
+        except BaseException:
+            if created and rank == 0:
+                remove_if_unused(out)
+            raise
     except UserError:
         if rank > 0:
             sys.exit(2)                     # rank 0 prints the one-line message
@@ -500,4 +539,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --batch-size (or --image-size)")

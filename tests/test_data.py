@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 import data
-from conftest import HAVE_MNIST, MNIST
-from data import DataError, load_dataset
+from conftest import MNIST
+from data import SHIPPED_DIRS, DataError, load_dataset
 
 MNIST_DIR = Path(MNIST)
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -22,8 +22,10 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Point the download cache at tmp and make every mirror unreachable, so no test touches ~ or the network."""
+    """Point the download cache at tmp and make every mirror unreachable, so no test touches ~ or the network;
+    the repository's own MNIST is out of sight too (test_the_shipped_mnist_is_read_first puts it back)."""
     monkeypatch.setenv("DIT_DATA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "SHIPPED_DIRS", {})
     monkeypatch.setattr(data, "MIRRORS", {k: [(tmp_path / "no-mirror").as_uri() + "/"] for k in data.MIRRORS})
 
 
@@ -187,7 +189,20 @@ def test_bad_arguments(tmp_path):
 
 # ---------------------------------------------------------------- real MNIST (conftest.MNIST)
 
-needs_mnist = pytest.mark.skipif(not HAVE_MNIST, reason=f"real MNIST not at {MNIST_DIR} (set MNIST_DIR)")
+
+def test_the_shipped_mnist_is_read_first_offline_and_checked(monkeypatch):
+    """No --data-dir, no cache, no network: the repository's mnist/ folder, MD5-checked like any other."""
+    monkeypatch.setattr(data, "SHIPPED_DIRS", SHIPPED_DIRS)
+    assert SHIPPED_DIRS["mnist"] == Path(data.__file__).resolve().parent / "mnist"
+    test = load_dataset("mnist", split="test", download=False)
+    assert test.images.shape == (10000, 1, 32, 32) and torch.equal(test.labels, mnist_test_labels())
+    sums = dict(line.split()[::-1] for line in (SHIPPED_DIRS["mnist"] / "MD5SUMS").read_text().splitlines())
+    assert {k[:-3]: v for k, v in sums.items()} == {k: gz for k, (gz, _) in data.IDX_MD5["mnist"].items()}
+
+
+def mnist_test_labels():
+    return torch.from_numpy(np.frombuffer(gzip.decompress((MNIST_DIR / "t10k-labels-idx1-ubyte.gz").read_bytes()),
+                                          np.uint8, offset=8).astype(np.int64))
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +215,6 @@ def raw_digits(stem: str) -> np.ndarray:
     return np.frombuffer(gzip.decompress((MNIST_DIR / f"{stem}.gz").read_bytes()), np.uint8, offset=16)
 
 
-@needs_mnist
 def test_real_mnist_train(mnist_train):
     ds = mnist_train
     assert ds.images.shape == (60000, 1, 32, 32) and ds.images.dtype == torch.uint8
@@ -214,7 +228,6 @@ def test_real_mnist_train(mnist_train):
     assert np.array_equal(ds.images[:, 0, 2:30, 2:30].numpy().ravel(), raw_digits("train-images-idx3-ubyte"))
 
 
-@needs_mnist
 def test_real_mnist_test_split_channels_and_sizes():
     ds = load_dataset("mnist", str(MNIST_DIR), split="test", channels=3)
     assert ds.images.shape == (10000, 3, 32, 32) and ds.channels == 3
@@ -225,7 +238,6 @@ def test_real_mnist_test_split_channels_and_sizes():
     assert big.shape == (10000, 1, 36, 36) and big[:, :, :4].eq(0).all()
 
 
-@needs_mnist
 def test_model_range_round_trip(mnist_train):
     images = mnist_train.images[:512]
     x = data.to_model_range(images)

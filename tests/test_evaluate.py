@@ -14,7 +14,7 @@ from cli import UserError, config_dict, save_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
-from conftest import MNIST as DATA, ROOT, needs_mnist
+from conftest import MNIST as DATA, ROOT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -42,7 +42,6 @@ def test_committed_classifier_is_small_and_documented():
     assert "evaluate.py train-classifier" in blob["command"] and isinstance(blob["seed"], int)
 
 
-@needs_mnist
 def test_classifier_scores_real_test_digits(test_digits):
     images, labels = test_digits
     logits, feats = mnist_cnn.classify(mnist_cnn.load_classifier()[0], images)
@@ -80,7 +79,6 @@ def test_frechet_distance_matches_eigenvalues_of_the_product_for_full_covariance
     assert np.allclose(root @ root, s1)
 
 
-@needs_mnist
 def test_fd_of_a_set_with_itself_is_zero_and_of_noise_is_large(test_digits):
     images, _ = test_digits
     model = mnist_cnn.load_classifier()[0]
@@ -95,7 +93,6 @@ def test_fd_of_a_set_with_itself_is_zero_and_of_noise_is_large(test_digits):
 
 # ---------------------------------------------------------------------------------------- accuracy
 
-@needs_mnist
 def test_accuracy_of_correct_and_mislabelled_real_digits(test_digits):
     images, labels = test_digits
     right = mnist_cnn.score_images(images, labels, DATA)
@@ -135,7 +132,6 @@ def run_main(monkeypatch, capsys, *argv):
     return capsys.readouterr().out
 
 
-@needs_mnist
 def test_score_end_to_end_on_a_tiny_checkpoint_and_its_npz(tiny_ckpt, tmp_path, monkeypatch, capsys):
     npz, js = tmp_path / "s.npz", tmp_path / "s.json"
     out = run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "3", "--steps", "3",
@@ -153,7 +149,6 @@ def test_score_end_to_end_on_a_tiny_checkpoint_and_its_npz(tiny_ckpt, tmp_path, 
     assert f"{r['fd']:.2f}" in out
 
 
-@needs_mnist
 def test_table_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, monkeypatch, capsys):
     md, js = tmp_path / "t.md", tmp_path / "t.json"
     run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "2", "--rows", "ddim-2,ddim-3,dpm++2m-3:1",
@@ -186,7 +181,6 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
 
 
-@needs_mnist
 def test_scored_digits_are_the_ones_sample_py_draws(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Default setting and seed of both: evaluate.py's first digits are sample.py's default grid, pixel for pixel."""
     from PIL import Image

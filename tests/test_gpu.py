@@ -11,7 +11,7 @@ import torch
 
 import cli
 import train
-from conftest import MNIST, needs_mnist
+from conftest import MNIST
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
 
@@ -102,7 +102,6 @@ def test_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
 
 
 @needs_cuda
-@needs_mnist
 @pytest.mark.parametrize("amp", ["fp16", pytest.param("bf16", marks=needs_bf16)])
 def test_amp_training_loss_falls(tmp_path, amp):
     out = str(tmp_path / amp)
@@ -115,7 +114,6 @@ def test_amp_training_loss_falls(tmp_path, amp):
 
 
 @needs_cuda
-@needs_mnist
 def test_compile_on_cuda_learns_what_eager_learns(tmp_path):
     args = [*TINY, "--amp", "off", "--steps", "20", "--log-every", "5"]
     train.main([*args, "--out", str(tmp_path / "eager")])
@@ -124,7 +122,6 @@ def test_compile_on_cuda_learns_what_eager_learns(tmp_path):
 
 
 @needs_cuda
-@needs_mnist
 def test_resume_on_cuda_continues_the_same_run(tmp_path):
     args = [*TINY, "--amp", "off", "--log-every", "1"]
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
@@ -171,7 +168,6 @@ def test_sampling_on_cuda_draws_the_cpu_digits(tmp_path):
 
 
 @needs_cuda
-@needs_mnist
 def test_sample_export_and_infer_trt_compare_from_a_cuda_checkpoint(tmp_path, capsys):
     import export
     import infer_trt

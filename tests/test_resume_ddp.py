@@ -21,10 +21,9 @@ import cli
 import runtime
 import train
 
-from conftest import MNIST, ROOT, needs_mnist
+from conftest import MNIST, ROOT
 from test_train import TINY_MODEL
 
-pytestmark = needs_mnist
 TINY = ["--data-dir", MNIST, *TINY_MODEL, "--batch-size", "16", "--threads", "1", "--device", "cpu", "--warmup", "3"]
 
 

@@ -16,9 +16,8 @@ import runtime
 import diffusion
 import train
 
-from conftest import MNIST, ROOT, needs_mnist
+from conftest import MNIST, ROOT
 
-pytestmark = needs_mnist
 TINY_MODEL = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2"]    # a 2-block, width-32 DiT-T/4
 TINY = ["--data-dir", MNIST, *TINY_MODEL, "--batch-size", "16", "--threads", "1", "--device", "cpu"]
 
@@ -60,7 +59,7 @@ def test_checkpoint_log_grid_and_resume(tmp_path):
     assert set(log_rows(out)[0]) == {"step", "loss", "lr", "images_per_s", "wall_time_s"}
     grids = sorted(os.listdir(os.path.join(out, "samples")))
     assert grids == ["step_0000004.png", "step_0000006.png"]
-    assert Image.open(os.path.join(out, "samples", grids[-1])).size == (8 * 34 + 2, 8 * 34 + 2)
+    assert Image.open(os.path.join(out, "samples", grids[-1])).size == (8 * 34 + 2, 10 * 34 + 2)   # a row per class
     # the checkpoint is what sample.py and friends read
     model, _, names, _ = runtime.model_from_checkpoint(os.path.join(out, "ckpt.pt"))
     assert model.config.hidden_size == 32 and names[3] == "3"
@@ -90,7 +89,8 @@ def test_nan_loss_stops_and_names_last_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-def test_sigterm_saves_checkpoint_and_exits(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_checkpoint_and_exits_with_the_resume_command(tmp_path, signum):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000", "--log-every", "1000",
            "--ckpt-every", "1", "--out", out]
@@ -99,10 +99,13 @@ def test_sigterm_saves_checkpoint_and_exits(tmp_path):
     while not os.path.exists(os.path.join(out, "ckpt.pt")):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     output = proc.communicate(timeout=60)[0]
-    assert proc.returncode == 128 + signal.SIGTERM, output
-    assert "stopped by SIGTERM" in output
+    assert proc.returncode == 128 + signum, output
+    assert f"stopped by {signal.Signals(signum).name}" in output
+    assert ("stopping after this step, with a checkpoint (Ctrl-C again to abort)" in output) == (signum == signal.SIGINT)
+    assert output.rstrip().endswith(f"continue it with: python train.py {' '.join(TINY)} --steps 100000 --log-every "
+                                    f"1000 --ckpt-every 1 --resume auto --out {out}"), output
     ckpt = load(out)
     assert 1 <= ckpt["step"] < 100000 and int(log_rows(out)[-1]["step"]) == ckpt["step"]   # the stop step is logged
 
@@ -220,3 +223,33 @@ def test_resume_refuses_a_damaged_checkpoint_and_survives_a_garbage_log_row(tmp_
     flip_a_weight_byte(os.path.join(out, "ckpt.pt"), os.path.join(out, "flipped.pt"))
     with pytest.raises(cli.UserError, match="flipped.pt is damaged"):
         train.main([*TINY, "--steps", "4", "--out", str(tmp_path / "new"), "--resume", os.path.join(out, "flipped.pt")])
+
+
+@pytest.mark.parametrize("argv, compiled", [
+    (["--device", "cpu"], "on"), (["--steps", "5000"], "on"), (["--steps", "10", "--compile"], "on"),
+    (["--steps", "500"], "off"), (["--max-minutes", "2"], "off"), (["--compile", "off"], "off")])
+def test_compile_is_on_for_cpu_runs_long_enough_to_pay_back(argv, compiled):
+    args = train.parse_args(argv)
+    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    assert args.compile == compiled
+
+
+def test_without_a_cpp_compiler_auto_trains_eager_and_on_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr(train, "cpp_compiler", lambda: None)
+    args = train.parse_args(["--device", "cpu"])
+    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    assert args.compile == "off" and "no C++ compiler found for torch.compile" in capsys.readouterr().out
+    with pytest.raises(cli.UserError, match="--compile needs a C\\+\\+ compiler"):
+        train.configure(train.parse_args(["--compile"]), world=1, device=torch.device("cpu"), say=print)
+
+
+def test_snapshots_keep_the_checkpoint_at_each_minute_mark(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "3", "--snapshot-minutes", "0.00001,0.00002", "--out", out])
+    snaps = sorted(f for f in os.listdir(out) if f.startswith("ckpt_"))
+    assert snaps == ["ckpt_1e-05min.pt", "ckpt_2e-05min.pt"]
+    steps = [cli.load_checkpoint(os.path.join(out, f))["step"] for f in snaps]
+    assert steps == [1, 2] and load(out)["step"] == 3     # one snapshot per step once its minute has passed
+    with pytest.raises(SystemExit):
+        train.parse_args(["--snapshot-minutes", "30,10"])
+    assert "give increasing minutes" in capsys.readouterr().err

@@ -27,15 +27,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, Progress, UserError,  # noqa: E402
-                 atomic_write, config_dict, nonnegative_float, nonnegative_int, number_list, pick_device,
-                 positive_float, positive_int, run_cli)
+                 atomic_write, check_writable, checkpoint_or_shipped, config_dict, nonnegative_float, nonnegative_int,
+                 number_list, pick_device, positive_float, positive_int, refuse_overwrite, run_cli)
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
     a = p.add_argument
     a("--preset", default=None, help="a preset of dit.py, e.g. DiT-S/4 (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
-    a("--ckpt", default=None, help="time these trained weights (default: random weights of --preset)")
+    a("--ckpt", default=None, help="time these trained weights (default: the shipped model; with --preset or "
+      "--quick: random weights)")
     a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
     a("--threads", type=positive_int, default=None, help="CPU threads (default: torch's, one per core)")
     a("--batch-sizes", type=number_list(positive_int), default=None,
@@ -80,7 +81,7 @@ import speedups  # noqa: E402
 from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
 from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
 from export import export_onnx  # noqa: E402
-from runtime import OrtBackend, TrtBackend, model_from_checkpoint  # noqa: E402
+from runtime import OrtBackend, TrtBackend, check_sidecar, load_sidecar, model_from_checkpoint  # noqa: E402
 import train  # noqa: E402
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
@@ -281,6 +282,17 @@ def table(header, rows):
            ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
 
 
+def training_summary(rows, model_name, device, batch):
+    """The lesson's training length at the median step time: eager, and the fastest fp32 row if it is another."""
+    base = rows[0]
+    best = max((row for row in rows if not row["changes_numerics"]), key=lambda row: row["images_per_s"])
+    hours = lambda row: LESSON_STEPS * row["seconds_per_step"]["median"] / 3600      # noqa: E731
+    fastest = "" if best is base else f", {best['backend']} {hours(best):.2f} h"
+    return (f"{LESSON_STEPS} steps at batch {batch} (the lesson's training length) for {model_name} on this {device}, "
+            f"from the median step time: eager {hours(base):.2f} h{fastest} (data loading, EMA and sample grids not "
+            f"included).")
+
+
 def report(r):
     """The results as markdown: machine, model, peak and floor lines, then one table per benchmark."""
     m, mo, a, peaks = r["machine"], r["model"], r["args"], r["peak_flops"]
@@ -332,11 +344,7 @@ def report(r):
                          f"{row['images_per_s'] / base['images_per_s']:.2f}", f"{row['peak_fraction'] * 100:.0f} %",
                          f"{row['peak_memory_bytes'] / 2**20:.0f}", row["largest_batch"] or "-",
                          "no (low precision)" if row["changes_numerics"] else "yes (fp32)"] for row in r["training"]])
-        best = max((row for row in r["training"] if not row["changes_numerics"]), key=lambda row: row["images_per_s"])
-        hours = lambda row: LESSON_STEPS * row["seconds_per_step"]["median"] / 3600
-        lines += ["", f"{LESSON_STEPS} steps at batch {a['train_batch']} (the lesson's training length) for "
-                  f"{mo['name']} on this {r['device']}, from the median step time: eager {hours(base):.2f} h, "
-                  f"{best['backend']} {hours(best):.2f} h (data loading, EMA and sample grids not included)."]
+        lines += ["", training_summary(r["training"], mo["name"], r["device"], a["train_batch"])]
     lines += [""] + [f"- {note}" for note in r["notes"]]
     return "\n".join(lines)
 
@@ -356,8 +364,24 @@ def pick_rows(available, wanted, flag, default):
     return ["eager"] + [w for w in names if w != "eager"] if names else []
 
 
+def check_inputs_and_outputs(args):
+    """Before the measuring: the --json output writable and not an input, and --onnx / --trt-engine exported
+    from --ckpt (their sidecars name their checkpoint), so no row times another model."""
+    inputs = {"--ckpt": args.ckpt, "--onnx": args.onnx, "--trt-engine": args.trt_engine}
+    if args.json:
+        check_writable(args.json)
+        refuse_overwrite({"--json": args.json}, inputs)
+    for flag, path in (("--onnx", args.onnx), ("--trt-engine", args.trt_engine)):
+        if path and not args.ckpt:
+            raise UserError(f"{flag} needs --ckpt, the checkpoint it was exported from (bench compares them)")
+        if path:
+            check_sidecar(load_sidecar(path), path, ckpt_path=args.ckpt)
+
+
 def load_model(args, device):
     """(model, diffusion, weights description): trained weights, or random ones where no block is the identity."""
+    if args.ckpt is None and args.preset is None and not args.quick:
+        args.ckpt = checkpoint_or_shipped(None)
     if args.ckpt:
         model, diffusion, _, ckpt = model_from_checkpoint(args.ckpt, device)
         return model, diffusion, f"{args.ckpt} (step {ckpt.get('step')}, EMA)"
@@ -385,6 +409,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, diffusion, weights = load_model(args, device)
+    check_inputs_and_outputs(args)
     preset = "tiny (--quick)" if args.quick else next((k for k, v in PRESETS.items() if v == model.config), "custom")
     batch_sizes = args.batch_sizes or ([8, 64, 256] if device.type == "cuda" else [8, 64])
     low = speedups.default_low_precision(device)
@@ -398,8 +423,6 @@ def main(argv=None):
         notes.append(f"ort: fp32 ONNX exported in {time.perf_counter() - start:.1f} s (opset 20, dynamic batch)")
         return path
 
-    if args.trt_engine and not args.ckpt:
-        raise UserError("--trt-engine needs --ckpt, the checkpoint the engine was built from (bench compares them)")
     available = sampling_backends(device, low, onnx_path, args.trt_engine, args.ckpt)
     quick_default = [k for k in available if not k.startswith(("compile", "ort"))]
     names = pick_rows(available, args.backends, "--backends", quick_default if args.quick else available)
@@ -466,4 +489,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --batch-sizes or --train-batch")

@@ -8,7 +8,7 @@ digits by conditional accuracy and by the Frechet distance of its features to th
     python tools/evaluate.py score --npz samples.npz            # images uint8 (N,1,32,32), labels (N,)
     python tools/evaluate.py table --ckpt runs/x/ckpt.pt --out-md table.md --out-json table.json
 
-MNIST comes from --data-dir (a folder with the official IDX files) or data.py's download cache.
+MNIST comes from --data-dir (a folder with the official IDX files) or the repository's mnist/.
 
 Metrics (fixed seeds and counts, so runs compare):
   accuracy       share of samples the classifier assigns to the label they were drawn for (per class too);
@@ -27,10 +27,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
 from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 atomic_write, nonnegative_float, nonnegative_int, number_list, pick_device, positive_float,
-                 positive_int, run_cli)
+                 atomic_write, check_writable, checkpoint_or_shipped, nonnegative_float, nonnegative_int,
+                 number_list, pick_device, positive_float, positive_int, refuse_overwrite, run_cli)
 
 CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")   # = mnist_cnn.CLASSIFIER_PATH
+KEPT_SAMPLES = os.path.join("runs", "evaluate-samples.npz")   # where drawn digits go when scoring them fails
 DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
 
 
@@ -38,7 +39,7 @@ def parse_args(argv):
     parser = ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train-classifier", help="train the MNIST CNN that scores samples")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: the repository's mnist/)")
     p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
@@ -48,8 +49,9 @@ def parse_args(argv):
     for name in ("score", "table"):
         p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
                            "grid of sampler settings x CFG scales as a markdown table")
-        src = p.add_mutually_exclusive_group(required=True) if name == "score" else p
-        src.add_argument("--ckpt", required=name == "table", help="checkpoint written by train.py")
+        src = p.add_mutually_exclusive_group() if name == "score" else p
+        src.add_argument("--ckpt", help="checkpoint written by train.py (None: the shipped model, "
+                         "checkpoints/dit-t4-mnist.pt)")
         if name == "score":
             src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
             p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
@@ -74,7 +76,7 @@ def parse_args(argv):
         p.add_argument("--backend", choices=("torch", "ort"), default="torch", help="run the network on this")
         p.add_argument("--onnx", help="ONNX file exported from --ckpt, for --backend ort")
         p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (None: CUDA when available)")
-        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: data.py's cache)")
+        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: the repository's mnist/)")
         p.add_argument("--classifier", default=CLASSIFIER, help="the scoring classifier's weights")
         p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
     return parser.parse_args(argv)
@@ -87,8 +89,8 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402  (imported after the flags on purpose)
 import torch  # noqa: E402
 
-from data import to_uint8  # noqa: E402
-from mnist_cnn import CLASSIFIER_PATH, score_images, train_classifier  # noqa: E402
+from data import load_dataset, to_uint8  # noqa: E402
+from mnist_cnn import CLASSIFIER_PATH, load_classifier, score_images, train_classifier  # noqa: E402
 from runtime import TorchBackend, draw_samples, model_from_checkpoint, open_backend  # noqa: E402
 from speedups import machine_line  # noqa: E402
 
@@ -123,7 +125,7 @@ def parse_setting(text):
 
 
 def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale, per_class, seed, batch_size,
-                     data_dir=None, classifier_path=CLASSIFIER_PATH):
+                     data_dir=None, classifier_path=CLASSIFIER_PATH, keep=None):
     """Draw per_class digits of each class with one sampler setting, time it, score it -> (result dict, images, labels)."""
     # sample.py's labels (0, 1, ..., 9, 0, ...) and runtime.draw_samples (all starting noise drawn up front from
     # one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
@@ -138,11 +140,42 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
     images = to_uint8(images)                           # quantised to uint8 like a saved PNG
     print(f"scoring {len(images)} digits: the classifier, FD against the test digits and the floor", file=sys.stderr,
           flush=True)
-    result = score_images(images, labels, data_dir, classifier_path)
+    try:
+        result = score_images(images, labels, data_dir, classifier_path)
+    except (UserError, KeyboardInterrupt) as e:      # minutes of sampling are not thrown away
+        if keep is None:
+            raise
+        saved = save_samples(keep, images, labels)
+        if isinstance(e, KeyboardInterrupt):
+            print(f"the {len(images)} samples are kept in {saved}", file=sys.stderr)
+            raise
+        raise UserError(f"{e} (the {len(images)} samples are kept in {saved}: score them with --npz {saved})") from None
     result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
                   batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
                   wall_s=seconds, wall_s_per_64=seconds / len(labels) * 64)
     return result, images, labels
+
+
+def save_samples(path, images, labels):
+    """Write drawn digits as an .npz that `score --npz` reads -> the path."""
+    atomic_write(path, lambda f: np.savez_compressed(f, images=images.numpy(), labels=labels.numpy()))
+    return path
+
+
+def check_before_sampling(args):
+    """Everything that can fail after the sampling, checked before it: outputs writable and not inputs, the
+    classifier a classifier, the MNIST digits of the floor and the reference present."""
+    outputs = {flag: getattr(args, name, None) for flag, name in
+               (("--out-json", "out_json"), ("--save-npz", "save_npz"), ("--out-md", "out_md"))}
+    for path in filter(None, outputs.values()):
+        check_writable(path)
+    refuse_overwrite(outputs, {"--ckpt": args.ckpt, "--npz": getattr(args, "npz", None), "--onnx": args.onnx,
+                               "--classifier": args.classifier})
+    if getattr(args, "resume", False) and not args.out_json:
+        raise UserError("--resume reuses the results in --out-json, and none was given; pass --out-json FILE")
+    load_classifier(args.classifier)
+    for split in ("test", "train"):
+        load_dataset("mnist", data_dir=args.data_dir, split=split)
 
 
 def load_npz(path):
@@ -271,9 +304,10 @@ def run_score(args):
     else:
         gen = load_generator(args)
         result, images, labels = sample_and_score(*gen, args.sampler, args.steps, args.cfg_scale, args.per_class,
-                                                  args.seed, args.batch_size, args.data_dir, args.classifier)
+                                                  args.seed, args.batch_size, args.data_dir, args.classifier,
+                                                  keep=args.save_npz or KEPT_SAMPLES)
         if args.save_npz:
-            atomic_write(args.save_npz, lambda f: np.savez_compressed(f, images=images.numpy(), labels=labels.numpy()))
+            save_samples(args.save_npz, images, labels)
         result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine_line(gen[3]))
     print(describe(result))
     if args.out_json:
@@ -284,8 +318,11 @@ def main(argv=None):
     args = parse_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if args.command in ("score", "table"):
+        args.ckpt = None if getattr(args, "npz", None) else checkpoint_or_shipped(args.ckpt)
+        check_before_sampling(args)
     {"train-classifier": train_classifier, "score": run_score, "table": run_table}[args.command](args)
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, memory_hint="lower --batch-size or --per-class")

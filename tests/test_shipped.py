@@ -1,0 +1,122 @@
+"""The trained model the repository ships (checkpoints/dit-t4-mnist.pt) and the scripts' use of it when
+--ckpt is not given: the README's Quick start, run as a user runs it, in any clone."""
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cli
+import export
+import infer_trt
+import runtime
+import plot_curve
+import sample
+import ship_checkpoint
+import train
+from mnist_cnn import classify, load_classifier
+
+from conftest import ROOT
+from test_train import TINY
+
+SHIPPED = os.path.join(ROOT, "checkpoints", "dit-t4-mnist.pt")
+
+
+def run(main, argv):
+    """main(argv) -> (stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        main(argv)
+    return out.getvalue(), err.getvalue()
+
+
+def test_the_shipped_model_is_sampling_only_and_carries_its_record():
+    assert cli.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
+    ckpt = cli.load_checkpoint(SHIPPED)                      # checksummed
+    assert ckpt["sampling_only"] and "optimizer" not in ckpt and "ema" not in ckpt
+    assert ckpt["class_names"] == [str(d) for d in range(10)] and ckpt["dataset"] == "mnist"
+    record = ckpt["training"]
+    assert record["command"].startswith("python train.py") and record["steps"] == ckpt["step"] > 0
+    assert record["images_seen"] == record["steps"] * record["batch_size"] and record["wall_time_min"] >= 90
+    assert {(s["sampler"], s["steps"]) for s in ckpt["scores"]} >= {("dpm++2m", 5), ("ddim", 50)}
+    assert all(s["n"] == 10_000 for s in ckpt["scores"])
+
+
+def test_sample_without_ckpt_draws_the_prompt_grid_from_the_shipped_model(tmp_path, monkeypatch):
+    """The Quick start's first command; the digits must be the labels asked for (the scoring CNN reads them)."""
+    monkeypatch.chdir(tmp_path)
+    labels = "2 4 one nine 2 eight 7 9 0 1 3 5 6 seven"
+    out, err = run(sample.main, ["--labels", labels, "--out", "runs/grid.png", "--nrow", "7"])
+    assert "no --ckpt given: using the shipped model" in err and err.count("\n") == 1
+    grid = np.asarray(Image.open(tmp_path / "runs" / "grid.png").convert("L"))
+    assert grid.shape == (2 * 34 + 2, 7 * 34 + 2)              # save_grid: 32 px cells, 2 px padding
+    cells = [grid[2 + 34 * r: 34 + 34 * r, 2 + 34 * c: 34 + 34 * c] for r in range(2) for c in range(7)]
+    classifier, _ = load_classifier(os.path.join(ROOT, "tools", "mnist_cnn.pt"))
+    read = classify(classifier, torch.from_numpy(np.stack(cells))[:, None])[0].argmax(1).tolist()
+    assert read == [2, 4, 1, 9, 2, 8, 7, 9, 0, 1, 3, 5, 6, 7]
+
+
+def test_export_and_infer_without_ckpt_use_the_shipped_model_outside_the_repository(tmp_path, monkeypatch):
+    """python export.py writes runs/shipped/ in the working folder (never into checkpoints/), and
+    python infer_trt.py --compare finds those files and the shipped weights."""
+    monkeypatch.chdir(tmp_path)
+    out, err = run(export.main, ["--verify-steps", "2"])
+    assert "shipped model" in err and os.path.isfile(tmp_path / "runs" / "shipped" / "model.onnx")
+    assert sorted(os.listdir(os.path.dirname(SHIPPED))) == ["dit-t4-mnist.pt"]
+    with open(tmp_path / "runs" / "shipped" / "model.onnx.json") as f:
+        assert json.load(f)["checkpoint"]["path"] == SHIPPED
+    out, err = run(infer_trt.main, ["--backend", "ort", "--num-samples", "4", "--compare", "--out", "runs/i.png"])
+    assert out.startswith("ort (") and "largest pixel difference ort vs torch" in out
+
+
+def test_resume_and_raw_weights_refuse_a_sampling_only_checkpoint(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit):
+        cli.run_cli(lambda: train.main([*TINY, "--steps", "2", "--resume", SHIPPED, "--out", out]))
+    err = capsys.readouterr().err
+    assert "is a sampling-only checkpoint" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        cli.run_cli(lambda: sample.main(["--no-ema", "--num-samples", "1", "--out", str(tmp_path / "g.png")]))
+    assert "holds the EMA weights only" in capsys.readouterr().err
+
+
+def test_ship_checkpoint_keeps_the_ema_weights_the_record_and_the_scores(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "3", "--out", run_dir])
+    score = tmp_path / "score.json"
+    score.write_text(json.dumps({"sampler": "ddim", "steps": 50, "cfg_scale": 1.0, "n": 20, "accuracy": 0.5,
+                                 "fd": 30.0, "floor": 5.0, "unused": 1}))
+    shipped = str(tmp_path / "ship.pt")
+    run(ship_checkpoint.main, [os.path.join(run_dir, "ckpt.pt"), "--out", shipped, "--scores", str(score),
+                               "--command", "python train.py --steps 3", "--commit", "abc1234", "--machine", "m"])
+    full, small = cli.load_checkpoint(os.path.join(run_dir, "ckpt.pt")), cli.load_checkpoint(shipped)
+    assert all(torch.equal(full["ema"][k], small["model"][k]) for k in full["ema"])
+    assert small["training"]["images_seen"] == 3 * 16 and small["training"]["commit"] == "abc1234"
+    assert small["scores"] == [{"sampler": "ddim", "steps": 50, "cfg_scale": 1.0, "n": 20, "accuracy": 0.5,
+                                "fd": 30.0, "floor": 5.0}]
+    model, _, names, _ = runtime.model_from_checkpoint(shipped)
+    assert names == [str(d) for d in range(10)] and not model.training
+
+
+def test_plot_curve_collects_what_each_snapshot_reached_and_draws_it(tmp_path):
+    run_dir = str(tmp_path / "run")
+    train.main([*TINY, "--steps", "4", "--snapshot-minutes", "0.00001", "--out", run_dir])
+    scores = []
+    for name, sampler, steps, cfg, acc in (("ckpt_1e-05min.pt", "dpm++2m", 5, 1.2, 0.5),
+                                           ("ckpt.pt", "dpm++2m", 5, 1.2, 0.7), ("ckpt.pt", "ddim", 50, 1.0, 0.6)):
+        scores.append(tmp_path / f"{sampler}_{name}.json")
+        scores[-1].write_text(json.dumps({"ckpt": os.path.join(run_dir, name), "sampler": sampler, "steps": steps,
+                                          "cfg_scale": cfg, "n": 20, "accuracy": acc, "fd": 30.0, "floor": 5.0,
+                                          "per_class_accuracy": [acc - 0.1, acc]}))
+    curve, png = str(tmp_path / "curve.json"), str(tmp_path / "curve.png")
+    run(plot_curve.main, ["collect", *map(str, scores), "--out", curve])
+    rows = json.load(open(curve))
+    assert [(r["step"], r["images_seen"], r["sampler"]) for r in rows] == [(4, 64, "ddim"), (1, 16, "dpm++2m"),
+                                                                          (4, 64, "dpm++2m")]
+    out, _ = run(plot_curve.main, ["plot", curve, "--out", png])
+    assert "| DPM-Solver++(2M) 5, CFG 1.2 | 20 | 70.00 % | 60.0 % | 30.00 | 5.00 | 6.00 |" in out
+    assert Image.open(png).size[0] > 500
