@@ -36,7 +36,8 @@ def first_line(error, limit=160):
     return (text.splitlines()[0] if text else type(error).__name__)[:limit]
 
 
-OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory", re.I)
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate memory|not enough memory",
+                           re.IGNORECASE)
 
 
 def run_cli(main, memory_hint="lower --batch-size"):
@@ -55,7 +56,8 @@ def run_cli(main, memory_hint="lower --batch-size"):
     except (MemoryError, RuntimeError) as e:
         if not (isinstance(e, MemoryError) or OUT_OF_MEMORY.search(str(e))):
             raise
-        print(f"{name}: error: out of memory ({first_line(e, 80) or 'MemoryError'}); {memory_hint}", file=sys.stderr)
+        what = first_line(e, 80) or "MemoryError"
+        print(f"{name}: error: out of memory ({what}); {memory_hint}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -120,7 +122,8 @@ class Progress:
     (and whenever update is forced). With a time limit, percent and time left follow whichever ends first."""
 
     def __init__(self, total, what="", time_limit=None, every=30.0, file=None, budget=None):
-        self.total, self.what, self.time_limit, self.every, self.budget = total, what, time_limit, every, budget
+        self.total, self.what, self.time_limit, self.every = total, what, time_limit, every
+        self.budget = budget            # how the time limit is named, e.g. "--max-minutes 30"
         self.file = file or sys.stderr
         self.tty = self.file.isatty()
         self.t0, self.last, self.first = time.monotonic(), -float("inf"), None
@@ -309,10 +312,11 @@ def refuse_overwrite(outputs, inputs):
     weights (.data). outputs, inputs: {flag: path or None}."""
     for out_flag, out in outputs.items():
         for in_flag, given in inputs.items():
-            for path, what in ((given, ""), (f"{given}.json", "the sidecar of "), (f"{given}.data", "the weights of ")):
+            companions = ((given, ""), (f"{given}.json", "the sidecar of "), (f"{given}.data", "the weights of "))
+            for path, what in companions:
                 if out and given and same_file(out, path):
-                    raise UserError(f"{out_flag} {out} would overwrite {what}{in_flag} {given}, an input of this run; "
-                                    f"choose another output path")
+                    raise UserError(f"{out_flag} {out} would overwrite {what}{in_flag} {given}, an input of this "
+                                    f"run; choose another output path")
 
 
 def file_sha256(path, chunk=1 << 20):
@@ -375,10 +379,10 @@ class RunLog:
 #   step, optimizer, rng, args, ...   training state for --resume (train.py adds what it needs)
 # runtime.model_from_checkpoint turns one back into a DiT.
 
-# The trained model the repository ships (train.py's CPU default, EMA weights; its record is in the file and in
-# docs/results.md): what the sampling, export and measuring scripts use when --ckpt is not given.
+# The trained model the repository ships (train.py's CPU default, EMA weights; its record is in the file and
+# in docs/results.md): what the sampling, export and measuring scripts use when --ckpt is not given.
 SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "dit-t4-mnist.pt")
-SHIPPED_EXPORT_DIR = os.path.join("runs", "shipped")   # export.py's folder for it (not inside the repository's files)
+SHIPPED_EXPORT_DIR = os.path.join("runs", "shipped")   # export.py's folder for it, outside the tracked files
 
 
 def checkpoint_or_shipped(path):
@@ -386,9 +390,10 @@ def checkpoint_or_shipped(path):
     if path is not None:
         return path
     if not os.path.isfile(SHIPPED_CKPT):
-        raise UserError(f"no --ckpt given and the shipped model {SHIPPED_CKPT} is missing; pass --ckpt RUN/ckpt.pt")
-    print(f"note: no --ckpt given: using the shipped model {os.path.relpath(SHIPPED_CKPT)} (DiT-T/4 trained on MNIST)",
-          file=sys.stderr)
+        raise UserError(f"no --ckpt given and the shipped model {SHIPPED_CKPT} is missing; pass --ckpt "
+                        f"RUN/ckpt.pt")
+    print(f"note: no --ckpt given: using the shipped model {os.path.relpath(SHIPPED_CKPT)} (DiT-T/4 trained on "
+          f"MNIST)", file=sys.stderr)
     return SHIPPED_CKPT
 
 

@@ -436,13 +436,13 @@ DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "e
 
 
 def label_spelling(name):
-    """How a class name is typed in --labels: lower case, spaces as underscores ('Ankle boot' -> 'ankle_boot')."""
+    """How a class name is typed in --labels: lower case, spaces as _ ('Ankle boot' -> 'ankle_boot')."""
     return name.lower().replace(" ", "_")
 
 
 def parse_labels(text, class_names):
-    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class indices
-    and, for digit datasets (classes named "0", "1", ...), English number words; separators are spaces and
+    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class
+    indices and, for digit datasets (classes named "0", "1", ...), English number words; separators are spaces and
     commas. A name wins over an index: image-folder classes named "1", "3", "7" are asked for by name."""
     lookup = {label_spelling(name): i for i, name in enumerate(class_names)}
     if class_names == [str(i) for i in range(len(class_names))] and len(class_names) <= len(DIGIT_WORDS):

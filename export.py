@@ -51,8 +51,8 @@ def parse_args(argv):
     a = p.add_argument
     a("--ckpt", default=None, help="checkpoint written by train.py (None: the shipped model, "
       "checkpoints/dit-t4-mnist.pt)")
-    a("--out-dir", default=None, help=f"folder for the files (None: the checkpoint's folder; {SHIPPED_EXPORT_DIR} "
-      "for the shipped model)")
+    a("--out-dir", default=None, help="folder for the files (None: the checkpoint's folder; "
+      f"{SHIPPED_EXPORT_DIR} for the shipped model)")
     a("--weights", choices=("ema", "model"), default="ema", help="the EMA or the raw trained weights")
     a("--opset", type=int, default=20, choices=OPSETS, help=f"ONNX opset; {EXPERIMENTAL_OPSET} is experimental "
       "(ONNX Attention nodes, new in TensorRT's importer)")
@@ -352,13 +352,14 @@ def main(argv=None):
     out_dir = args.out_dir or (SHIPPED_EXPORT_DIR if shipped else os.path.dirname(os.path.abspath(args.ckpt)))
 
     written = ("model.onnx", "model_fp16.onnx", "model_fp16.engine", "model_fp16.timing.cache")
-    refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in written + tuple(f + ".json" for f in written)},
-                     {"--ckpt": args.ckpt})
+    outputs = written + tuple(f + ".json" for f in written)
+    refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in outputs}, {"--ckpt": args.ckpt})
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu", use_ema=args.weights == "ema")
     check_writable(os.path.join(out_dir, "model.onnx"))
     config, pred = model.config, diffusion.config.prediction
     chw = (config.in_channels, config.image_size, config.image_size)
-    weights = "ema" if args.weights == "ema" and (ckpt.get("ema") is not None or ckpt.get("sampling_only")) else "model"
+    has_ema = ckpt.get("ema") is not None or ckpt.get("sampling_only")     # a sampling-only file: EMA weights only
+    weights = "ema" if args.weights == "ema" and has_ema else "model"
     print(f"{args.ckpt}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
           f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
           f"{config.image_size}, {config.image_size})")

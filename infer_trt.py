@@ -39,7 +39,7 @@ def build_parser():
     a("--backend", default="auto", choices=("auto", *BACKENDS), help="auto = the fastest available")
     a("--cuda-graph", action="store_true", help="trt: replay each batch size as one CUDA graph")
     a("--compare", action="store_true", help="also run PyTorch from the same noise; print pixel difference and ms/step")
-    add_sampling_args(p, default_out="samples_infer.png")    # the flags and defaults of sample.py
+    add_sampling_args(p, default_out="runs/samples_infer.png")    # the flags and defaults of sample.py
     return p
 
 
@@ -82,8 +82,8 @@ def choose_backend(args):
         backend = ("trt" if not no_trt and os.path.isfile(engine) else "ort" if os.path.isfile(onnx_path)
                    else "torch" if args.ckpt else None)
         if backend is None and args.engine:
-            raise UserError(f"--engine {args.engine} needs TensorRT, and {no_trt}; run the ONNX file export.py wrote "
-                            f"beside it instead (--onnx)")
+            raise UserError(f"--engine {args.engine} needs TensorRT, and {no_trt}; run the ONNX file "
+                            f"export.py wrote beside it instead (--onnx)")
         if backend is None:
             raise UserError(f"nothing to run: {onnx_path} does not exist and the engine needs TensorRT "
                             f"({no_trt or 'the engine file is missing'}); pass --onnx or --ckpt")
@@ -147,7 +147,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     backend, path = choose_backend(args)
     refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
-                     {"--engine": args.engine, "--onnx": args.onnx, "--ckpt": args.ckpt, f"the {backend} file": path})
+                     {"--engine": args.engine, "--onnx": args.onnx, "--ckpt": args.ckpt,
+                      f"the {backend} file": path})
     fn = open_backend(backend, path, ckpt_path=args.ckpt, device=pick_device(args.device), cuda_graph=args.cuda_graph)
     compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None    # found before the sampling
     model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)   # sidecar (checked) or checkpoint
@@ -164,17 +165,18 @@ def main(argv=None):
     if args.compare:
         weights = fn.meta.get("checkpoint", {}).get("weights", "ema")
         model, _, _, _ = model_from_checkpoint(compare_ckpt, pick_device(args.device), use_ema=weights == "ema")
-        ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config, class_names, args)
+        ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config, class_names,
+                                                      args)
         diff, tolerance = pixel_difference(images, ref_images), PIXEL_TOLERANCE[backend]
         verdict = "PASS" if diff["float"] <= tolerance else "FAIL"
-        print(f"torch on {next(model.parameters()).device} ({weights} weights of {compare_ckpt}): {ref_seconds:.2f} s, "
-              f"{ref.ms_per_call:.2f} ms per network call")
+        speedup = ref.ms_per_call / max(timed.ms_per_call, 1e-9)
+        print(f"torch on {next(model.parameters()).device} ({weights} weights of {compare_ckpt}): "
+              f"{ref_seconds:.2f} s, {ref.ms_per_call:.2f} ms per network call")
         print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 (uint8: {diff['uint8']}), "
-              f"tolerance {tolerance:g} / 255: {verdict}; speed-up {ref.ms_per_call / max(timed.ms_per_call, 1e-9):.2f}x "
-              f"per call")
+              f"tolerance {tolerance:g} / 255: {verdict}; speed-up {speedup:.2f}x per call")
         if ref.max_abs < NEAR_ZERO:
-            print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} (largest {ref.max_abs:.2g}): an "
-                  f"untrained model, so this comparison shows nothing", file=sys.stderr)
+            print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} (largest {ref.max_abs:.2g}): "
+                  f"an untrained model, so this comparison shows nothing", file=sys.stderr)
         if verdict == "FAIL":
             sys.exit(1)
 

@@ -24,7 +24,7 @@ def parse_args(argv):
     p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
-    add_sampling_args(p, default_out="samples.png")
+    add_sampling_args(p, default_out="runs/samples.png")
     args = p.parse_args(argv)
     check_sampling_args(args)
     return args
@@ -45,7 +45,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     args.ckpt = checkpoint_or_shipped(args.ckpt)
-    refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)}, {"--ckpt": args.ckpt})
+    refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
+                     {"--ckpt": args.ckpt})
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, device, use_ema=not args.no_ema)
     generator = torch.Generator().manual_seed(args.seed)
     labels = choose_labels(args, class_names, generator)

@@ -10,7 +10,7 @@
 #
 #   bash tools/gpu_check.sh [--data-dir MNIST_DIR] [--out DIR] [--python PYTHON]
 #
-# MNIST: --data-dir (a folder with the four official IDX .gz files), else data.py's download cache.
+# MNIST: --data-dir (a folder with the four official IDX .gz files), else the repository's mnist/.
 set -u
 cd "$(dirname "$0")/.."
 PY=python; OUT=gpu_check; DATA=""
@@ -26,7 +26,7 @@ done
 mkdir -p "$OUT"
 STATUS="$OUT/status.tsv"; : > "$STATUS"
 if [ -z "$DATA" ]; then
-    DATA="${DIT_DATA_CACHE:-$HOME/.cache/dit-mnist}/mnist"
+    DATA=mnist
 fi
 if [ ! -f "$DATA/t10k-images-idx3-ubyte.gz" ] && [ ! -f "$DATA/t10k-images-idx3-ubyte" ]; then
     echo "gpu_check.sh: error: no MNIST files in $DATA; pass --data-dir with the four IDX .gz files" >&2
