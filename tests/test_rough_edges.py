@@ -301,3 +301,16 @@ def test_bench_summary_names_the_fastest_row_only_when_it_is_another():
     assert bench.training_summary([row], "DiT-T/4", "cpu", 128).count("eager") == 1
     faster = {**row, "backend": "compile", "images_per_s": 150, "seconds_per_step": {"median": 0.005}}
     assert ", compile 0.04 h" in bench.training_summary([row, faster], "DiT-T/4", "cpu", 128)
+
+
+def test_compare_on_an_untrained_model_warns_that_it_shows_nothing(tmp_path, capsys):
+    from dit import DiT, DiTConfig
+    from diffusion import DiffusionConfig
+    config = DiTConfig(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2)
+    ckpt = str(tmp_path / "fresh.pt")                      # adaLN-Zero: a new DiT outputs exactly 0
+    cli.save_checkpoint(ckpt, {"model_config": cli.config_dict(config), "model": DiT(config).state_dict(),
+                               "diffusion_config": cli.config_dict(DiffusionConfig(prediction="x0")), "step": 0})
+    infer_trt.main(["--ckpt", ckpt, "--backend", "torch", "--compare", "--num-samples", "2",
+                    "--out", str(tmp_path / "g.png")])
+    out, err = capsys.readouterr()
+    assert "tolerance 1 / 255: PASS" in out and "an untrained model, so this comparison shows nothing" in err

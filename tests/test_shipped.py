@@ -71,6 +71,7 @@ def test_export_and_infer_without_ckpt_use_the_shipped_model_outside_the_reposit
         assert json.load(f)["checkpoint"]["path"] == SHIPPED
     out, err = run(infer_trt.main, ["--backend", "ort", "--num-samples", "4", "--compare", "--out", "runs/i.png"])
     assert out.startswith("ort (") and "largest pixel difference ort vs torch" in out
+    assert "tolerance 1 / 255: PASS" in out and "ema weights of " + SHIPPED in out and "warning" not in err
 
 
 def test_resume_and_raw_weights_refuse_a_sampling_only_checkpoint(tmp_path, capsys):
