@@ -45,7 +45,8 @@ PREDICTIONS, TIMESTEP_DRAWS, LOSS_WEIGHTS = ("eps", "x0", "v"), ("uniform", "log
 DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 SIZE_FLAGS = ("hidden_size", "depth", "num_heads", "patch_size")   # override the preset's architecture
 COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # CPU compile takes ~20 s and then saves ~15 % of each step
-GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16   # at most 16 classes shown  # the progress grids: fixed noise, DDIM 25 steps, so grids compare across steps
+# The progress grids: fixed noise, DDIM 25 steps, so grids compare across steps; a row per class, at most 16.
+GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16
 
 
 # ----------------------------------------------------------------------------------------------

@@ -89,8 +89,8 @@ if __name__ == "__main__":
 import numpy as np  # noqa: E402  (imported after the flags on purpose)
 import torch  # noqa: E402
 
-from data import load_dataset, to_uint8  # noqa: E402
-from mnist_cnn import CLASSIFIER_PATH, load_classifier, score_images, train_classifier  # noqa: E402
+from data import to_uint8  # noqa: E402
+from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier  # noqa: E402
 from runtime import TorchBackend, draw_samples, model_from_checkpoint, open_backend  # noqa: E402
 from speedups import machine_line  # noqa: E402
 
@@ -175,7 +175,7 @@ def check_before_sampling(args):
         raise UserError("--resume reuses the results in --out-json, and none was given; pass --out-json FILE")
     load_classifier(args.classifier)
     for split in ("test", "train"):
-        load_dataset("mnist", data_dir=args.data_dir, split=split)
+        mnist_split(args.data_dir, split)               # cached: the scoring reads the same copy
 
 
 def load_npz(path):

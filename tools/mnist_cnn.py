@@ -157,11 +157,19 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 _reference_cache = {}   # in memory only: (data_dir, classifier) -> test statistics, floors per class counts
 
 
+def mnist_split(data_dir, split):
+    """One MNIST split, loaded once per process (the floor and the reference both read it)."""
+    key = (split, data_dir and os.path.abspath(data_dir))
+    if key not in _reference_cache:
+        _reference_cache[key] = load_dataset("mnist", data_dir=data_dir, split=split)
+    return _reference_cache[key]
+
+
 def reference_statistics(data_dir, classifier_path=CLASSIFIER_PATH):
     """Feature mean and covariance of the 10,000 MNIST test digits (the reference of every FD)."""
     key = ("test", data_dir and os.path.abspath(data_dir), classifier_path)
     if key not in _reference_cache:
-        test = load_dataset("mnist", data_dir=data_dir, split="test")
+        test = mnist_split(data_dir, "test")
         _reference_cache[key] = feature_statistics(classify(load_classifier(classifier_path)[0], test.images)[1])
     return _reference_cache[key]
 
@@ -171,10 +179,7 @@ def real_floor(counts, data_dir, classifier_path=CLASSIFIER_PATH, seed=0):
     the best score a sampler can reach with that many samples (FD's small-N bias included)."""
     key = ("floor", data_dir and os.path.abspath(data_dir), classifier_path, tuple(counts), seed)
     if key not in _reference_cache:
-        train_key = ("train", data_dir and os.path.abspath(data_dir))
-        if train_key not in _reference_cache:
-            _reference_cache[train_key] = load_dataset("mnist", data_dir=data_dir, split="train")
-        train = _reference_cache[train_key]
+        train = mnist_split(data_dir, "train")
         g = torch.Generator().manual_seed(seed)
         picked = []
         for c, n in enumerate(counts):
