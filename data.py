@@ -1,11 +1,10 @@
-"""Every dataset the project trains on, loaded whole into memory as one uint8 tensor (N, C, H, W); and the
-way back: class names to labels, images to PNG grids."""
+"""Every dataset the project trains on, loaded whole into memory as one uint8 tensor (N, C, H, W), and the
+conversions between its uint8 pixels and the model's [-1, 1]."""
 import gzip
 import hashlib
 import io
 import os
 import pickle
-import re
 import tarfile
 import urllib.request
 import zlib
@@ -16,7 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import DiskFull, UserError, atomic_write, label_table_path
+from cli import UserError
+from guard import DiskFull, atomic_write
+from recipe import DATASETS
 
 
 class DataError(UserError):
@@ -39,16 +40,15 @@ class Dataset:
         return self.images.shape[1]
 
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
-
 #################################################################################
 #                      Where files live and how to check them                   #
 #################################################################################
 
-# Expected MD5s per IDX file as (of the .gz, of the decompressed IDX). The .gz sums are the official ones (those
-# published with MNIST's files; Fashion-MNIST: the zalandoresearch/fashion-mnist README). The IDX sums were computed from
-# those verified files; they accept re-compressed copies (Debian's dataset-fashion-mnist re-gzips its files, so only
-# the payload matches) and already-gunzipped files. A module dict so tests can register their own small files.
+# Expected MD5s per IDX file as (of the .gz, of the decompressed IDX). The .gz sums are the official ones
+# (those published with MNIST's files; Fashion-MNIST: the zalandoresearch/fashion-mnist README). The IDX sums
+# were computed from those verified files; they accept re-compressed copies (Debian's dataset-fashion-mnist
+# re-gzips its files, so only the payload matches) and already-gunzipped files. A module dict so tests can
+# register their own small files.
 IDX_MD5 = {
     "mnist": {
         "train-images-idx3-ubyte": ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "6bbc9ace898e44ae57da46a324031adb"),
@@ -65,7 +65,8 @@ IDX_MD5 = {
 }
 CIFAR_ARCHIVE, CIFAR_MD5 = "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"
 MIRRORS = {  # tried in order; yann.lecun.com often refuses scripted downloads, so it is not listed
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/"],
     "fashion-mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     "cifar10": ["https://www.cs.toronto.edu/~kriz/"],
 }
@@ -84,7 +85,8 @@ def cache_dir(name: str) -> Path:
 
 
 def download(name: str, filename: str, folder: Path, md5: str) -> Path:
-    """Fetch filename from the first mirror that serves the right bytes; written atomically so no half file stays."""
+    """Fetch filename from the first mirror that serves the right bytes; written atomically so no half file
+    stays."""
     target, last_error = folder / filename, "no mirror"
 
     def fetch(url):
@@ -106,14 +108,14 @@ def download(name: str, filename: str, folder: Path, md5: str) -> Path:
         except Exception as e:  # any mirror failure (HTTP, DNS, timeout, bad bytes): try the next one
             last_error = f"{mirror + filename}: {e}"
     wanted = "the extracted cifar-10-batches-py" if name == "cifar10" else "the four IDX .gz files"
-    raise DataError(f"could not download {name} file {filename} ({last_error}); pass --data-dir with a folder of "
-                    f"{wanted}")
+    raise DataError(f"could not download {name} file {filename} ({last_error}); pass --data-dir with "
+                    f"a folder of {wanted}")
 
 
 def md5_mismatch(path: Path, expected: str, actual: str) -> DataError:
     """The one error for a file that is not the official one."""
-    return DataError(f"{path}: md5 {actual} does not match expected {expected}; the file is corrupt or not the "
-                     f"official one: delete it and re-download (or pass --data-dir with good files)")
+    return DataError(f"{path}: md5 {actual} does not match expected {expected}; the file is corrupt or not "
+                     f"the official one: delete it and re-download (or pass --data-dir with good files)")
 
 #################################################################################
 #                       IDX files (MNIST, Fashion-MNIST)                        #
@@ -169,15 +171,16 @@ def find_idx_file(name: str, stem: str, data_dir: Path | None, allow_download: b
             if candidate.is_file():
                 return candidate
     if data_dir:
-        raise DataError(f"{data_dir}: no {stem}.gz (or {stem}); pass --data-dir with a folder holding the four "
-                        f"{name} IDX files (train/t10k images/labels)")
+        raise DataError(f"{data_dir}: no {stem}.gz (or {stem}); pass --data-dir with a folder holding the "
+                        f"four {name} IDX files (train/t10k images/labels)")
     if not allow_download:
         raise DataError(f"{name} file {stem}.gz is not in {cache_dir(name)} and download is off; "
                         f"pass --data-dir with a folder holding the four IDX files")
     return download(name, stem + ".gz", cache_dir(name), IDX_MD5[name][stem][0])
 
 
-def load_idx_dataset(name: str, data_dir: Path | None, split: str, allow_download: bool) -> tuple[np.ndarray, ...]:
+def load_idx_dataset(name: str, data_dir: Path | None, split: str,
+                     allow_download: bool) -> tuple[np.ndarray, ...]:
     """(N, 28, 28) images and (N,) labels of one split, both checked against their MD5s."""
     prefix = "train" if split == "train" else "t10k"
     found = {}
@@ -200,9 +203,12 @@ def load_idx_dataset(name: str, data_dir: Path | None, split: str, allow_downloa
 # The batches are pickles, and unpickling can call any importable function (os.system included). Only the few
 # globals numpy uses to rebuild an array are allowed; anything else means the file is not a CIFAR batch.
 SAFE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),  # _codecs.encode: bytes in protocol-2 pickles
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),  # numpy 1 / 2 names
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),          # protocol 5 arrays
+    # _codecs.encode: bytes in protocol-2 pickles
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    # numpy 1 / 2 names
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    # protocol 5 arrays
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
 }
 
 
@@ -225,9 +231,12 @@ def unpickle(data: bytes, where: str) -> dict:
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
 
 
-def load_cifar10(data_dir: Path | None, split: str, allow_download: bool) -> tuple[np.ndarray, np.ndarray, list]:
-    """(N, 3, 32, 32) images, labels, class names from an extracted batch folder or straight from the tar.gz."""
-    names = ["batches.meta"] + ([f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"])
+def load_cifar10(data_dir: Path | None, split: str,
+                 allow_download: bool) -> tuple[np.ndarray, np.ndarray, list]:
+    """(N, 3, 32, 32) images, labels, class names from an extracted batch folder or straight from the
+    tar.gz."""
+    names = ["batches.meta"] + ([f"data_batch_{i}" for i in range(1, 6)] if split == "train"
+                                else ["test_batch"])
     folder = data_dir or cache_dir("cifar10")
     batch_dirs = [folder, folder / "cifar-10-batches-py"]
     batch_dir = next((d for d in batch_dirs if (d / "batches.meta").is_file()), None)
@@ -241,8 +250,9 @@ def load_cifar10(data_dir: Path | None, split: str, allow_download: bool) -> tup
         archive = folder / CIFAR_ARCHIVE
         if not archive.is_file():
             if data_dir or not allow_download:
-                raise DataError(f"{folder}: neither cifar-10-batches-py/ nor {CIFAR_ARCHIVE}; pass --data-dir with "
-                                f"the extracted cifar-10-batches-py folder or the folder holding the tar.gz")
+                raise DataError(f"{folder}: neither cifar-10-batches-py/ nor {CIFAR_ARCHIVE}; pass "
+                                f"--data-dir with the extracted cifar-10-batches-py folder or the folder "
+                                f"holding the tar.gz")
             archive = download("cifar10", CIFAR_ARCHIVE, folder, CIFAR_MD5)
         actual = hashlib.md5(archive.read_bytes()).hexdigest()
         if actual != CIFAR_MD5:
@@ -260,13 +270,16 @@ def load_cifar10(data_dir: Path | None, split: str, allow_download: bool) -> tup
     for n in names[1:]:
         batch = unpickle(*files[n])
         data, batch_labels = np.asarray(batch.get("data")), np.asarray(batch.get("labels", []), np.int64)
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(batch_labels):
+        if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32
+                or len(data) != len(batch_labels)):
             raise DataError(f"{files[n][1]}: expected uint8 data (N, 3072) with N labels; re-download it")
-        images.append(data.reshape(-1, 3, 32, 32))  # rows hold the R plane, then G, then B, each 32x32 row-major
+        images.append(data.reshape(-1, 3, 32, 32))  # rows hold the R plane, then G, then B,
+                                                    # each 32x32 row-major
         labels.append(batch_labels)
     labels = np.concatenate(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
-        raise DataError(f"{folder}: labels out of range of batches.meta's {len(class_names)} names; re-download")
+        raise DataError(f"{folder}: labels out of range of batches.meta's {len(class_names)} names; "
+                        f"re-download")
     return np.concatenate(images), labels, class_names
 
 #################################################################################
@@ -287,7 +300,8 @@ def fit_square(image: Image.Image, size: int) -> Image.Image:
 
 
 def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """(N, 3, size, size) images, labels and class names; train/ and test/ subfolders, if present, are the splits."""
+    """(N, 3, size, size) images, labels and class names; train/ and test/ subfolders, if present, are the
+    splits."""
     if (data_dir / "train").is_dir() and (data_dir / "test").is_dir():
         data_dir = data_dir / split
     elif split == "test":
@@ -322,12 +336,14 @@ def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.n
 def to_gray(images: np.ndarray) -> np.ndarray:
     """(N, 3, H, W) -> (N, 1, H, W) by ITU-R 601 luma, Y = 0.299 R + 0.587 G + 0.114 B."""
     r, g, b = (images[:, i:i + 1].astype(np.uint32) for i in range(3))
-    # PIL's convert("L") fixed-point weights (0.299, 0.587, 0.114) * 2^16, rounded: integer math, same bytes as PIL
+    # PIL's convert("L") fixed-point weights (0.299, 0.587, 0.114) * 2^16, rounded: integer math,
+    # same bytes as PIL
     return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).astype(np.uint8)
 
 
 def pad_or_resize(images: np.ndarray, size: int, pad: bool) -> np.ndarray:
-    """(N, C, h, w) -> (N, C, size, size): zero-pad (pixels kept exact) when pad and growing, else PIL bilinear."""
+    """(N, C, h, w) -> (N, C, size, size): zero-pad (pixels kept exact) when pad and growing, else PIL
+    bilinear."""
     n, c, h, w = images.shape
     if (h, w) == (size, size):
         return images
@@ -338,7 +354,8 @@ def pad_or_resize(images: np.ndarray, size: int, pad: bool) -> np.ndarray:
         return out
     out = np.empty((n, size, size, c), np.uint8)
     for i, image in enumerate(images.transpose(0, 2, 3, 1)):  # PIL wants (H, W) for gray, (H, W, 3) for RGB
-        resized = Image.fromarray(image[..., 0] if c == 1 else image).resize((size, size), Image.Resampling.BILINEAR)
+        resized = Image.fromarray(image[..., 0] if c == 1 else image).resize((size, size),
+                                                                             Image.Resampling.BILINEAR)
         out[i] = np.asarray(resized).reshape(size, size, c)
     return out.transpose(0, 3, 1, 2).copy()
 
@@ -349,7 +366,8 @@ def pad_or_resize(images: np.ndarray, size: int, pad: bool) -> np.ndarray:
 
 def load_dataset(name: str, data_dir: str | None = None, split: str = "train", image_size: int = 32,
                  channels: int | None = None, download: bool = True) -> Dataset:
-    """Load one split of a dataset as uint8 (N, C, image_size, image_size); channels None keeps the native count."""
+    """Load one split of a dataset as uint8 (N, C, image_size, image_size); channels None keeps the native
+    count."""
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if split not in ("train", "test"):
@@ -365,13 +383,14 @@ def load_dataset(name: str, data_dir: str | None = None, split: str = "train", i
         images, class_names = pad_or_resize(images[:, None], image_size, pad=True), CLASS_NAMES[name]
     elif name == "cifar10":
         images, labels, class_names = load_cifar10(root, split, download)
-        images = pad_or_resize(images, image_size, pad=False)  # natural photos: zero borders would be a new style
+        images = pad_or_resize(images, image_size, pad=False)  # natural photos: zero borders
+                                                               # would be a new style
     else:
         if root is None:
             raise DataError("the folder dataset needs --data-dir DIR with one subfolder of images per class")
         images, labels, class_names = load_folder(root, split, image_size)
-        # Default: 3 channels if any image is colour. Judged from the pixels, not the file mode: gray scans saved
-        # as RGB JPEGs stay 1-channel.
+        # Default: 3 channels if any image is colour. Judged from the pixels, not the file mode: gray scans
+        # saved as RGB JPEGs stay 1-channel.
         is_colour = bool((images[:, 0] != images[:, 1]).any() or (images[:, 1] != images[:, 2]).any())
         channels = channels or (3 if is_colour else 1)
     if channels == 1 and images.shape[1] == 3:
@@ -387,80 +406,8 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1
 
 
-#################################################################################
-#              Labels and pictures: class names, images -> PNG grids            #
-#################################################################################
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 [0, 255], same shape (to_model_range's inverse); samples overshoot
     a little, so clamp first."""
     return ((images.detach().float() + 1) * 127.5).clamp(0, 255).round().byte()
-
-
-def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
-    """Largest difference of two image batches in [-1, 1], in grey levels of 255: as floats and as saved (uint8)."""
-    return {"float": (a - b).abs().max().item() * 127.5, "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
-
-
-def image_grid(images, nrow=8, padding=2):
-    """Tile (N, C, H, W) images in [-1, 1] into one PIL image, nrow images per row, black padding."""
-    x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()                # (N, H, W, C)
-    n, h, w, c = x.shape
-    ncol = min(nrow, n)
-    rows = (n + ncol - 1) // ncol
-    grid = np.zeros((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, ncol)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[top:top + h, left:left + w] = x[k]
-    return Image.fromarray(grid[..., 0] if c == 1 else grid)
-
-
-def save_grid(images, path, nrow=8):
-    """Write images as a PNG grid atomically; an unwritable path is a one-line UserError."""
-    grid = image_grid(images, nrow)
-    atomic_write(path, lambda f: grid.save(f, format="PNG"))
-
-
-def write_label_table(labels, class_names, png_path, nrow):
-    """The label names beside the grid (grid.png -> grid.txt), one line per grid row, like the lesson's
-    prompt table. Returns the .txt path."""
-    names = [class_names[i] for i in labels]
-    table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
-    txt_path = label_table_path(png_path)
-    atomic_write(txt_path, lambda f: f.write(table), binary=False)
-    return txt_path
-
-
-DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-
-
-def label_spelling(name):
-    """How a class name is typed in --labels: lower case, spaces as _ ('Ankle boot' -> 'ankle_boot')."""
-    return name.lower().replace(" ", "_")
-
-
-def parse_labels(text, class_names):
-    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class
-    indices and, for digit datasets (classes named "0", "1", ...), English number words; separators are spaces and
-    commas. A name wins over an index: image-folder classes named "1", "3", "7" are asked for by name."""
-    lookup = {label_spelling(name): i for i, name in enumerate(class_names)}
-    if class_names == [str(i) for i in range(len(class_names))] and len(class_names) <= len(DIGIT_WORDS):
-        lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
-    labels = []
-    for token in text.replace(",", " ").split():
-        word = token.lower()
-        if word in lookup:
-            i = lookup[word]
-        elif re.fullmatch(r"[+-]?\d+", word):
-            i = int(word)
-            if not 0 <= i < len(class_names):
-                raise UserError(f"label {token} is out of range: this model has classes 0-{len(class_names) - 1}")
-        else:
-            raise UserError(f"unknown label {token!r}: use a class number 0-{len(class_names) - 1} or a name "
-                            f"such as {', '.join(repr(n) for n in list(lookup)[:3])}")
-        labels.append(i)
-    if not labels:
-        raise UserError("no labels given; pass e.g. --labels '7 seven 3'")
-    return labels
-

@@ -27,10 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-PREDICTIONS = ("eps", "x0", "v")
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
-TIMESTEP_DRAWS = ("uniform", "logit-normal")
-LOSS_WEIGHTS = ("none", "min-snr", "v-clipped")
+from recipe import LOSS_WEIGHTS, PREDICTIONS, SAMPLERS, SCHEDULES, TIMESTEP_DRAWS
 
 
 @dataclass
@@ -38,10 +35,12 @@ class DiffusionConfig:
     """The diffusion process a model was trained with; stored in checkpoints beside the DiTConfig."""
     num_timesteps: int = 1000
     schedule: str = "linear"      # "linear" (DDPM: 1e-4 -> 0.02, the lesson's) or "cosine" (IDDPM)
-    prediction: str = "eps"       # what the network outputs: "eps", "x0" or "v"
+    prediction: str = "x0"        # what the network outputs: "eps", "x0" or "v" (train.py's default)
     vlb_weight: float = 1e-3      # lambda of IDDPM's L_hybrid = L_simple + lambda * L_vlb
-    timesteps: str = "uniform"    # how training draws t: "uniform" (DDPM) or "logit-normal" (more of the middle)
-    loss_weight: str = "none"     # weighting of the MSE over t (training_loss): "none", "min-snr", "v-clipped"
+    timesteps: str = "uniform"    # how training draws t: "uniform" (DDPM) or "logit-normal" (more of
+                                  # the middle)
+    loss_weight: str = "none"     # weighting of the MSE over t (training_loss): "none", "min-snr",
+                                  # "v-clipped"
     snr_gamma: float = 5.0        # the clip of those weightings
 
 
@@ -53,7 +52,8 @@ def linear_betas(num_timesteps, beta_start=1e-4, beta_end=0.02, max_beta=0.999):
     """DDPM Sec. 4: betas linear from 1e-4 to 0.02 for T = 1000, scaled so other T keep the same curve
     (clipped at 0.999 as the cosine schedule is: the scaled end passes 1 below T = 20)."""
     scale = 1000 / num_timesteps
-    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64).clip(max=max_beta)
+    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps,
+                       dtype=np.float64).clip(max=max_beta)
 
 
 def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
@@ -115,6 +115,11 @@ def learns_sigma(out, x):
     return out.shape[1] == 2 * x.shape[1]
 
 
+def _table(values):
+    """A float64 tensor of a schedule's values (one per timestep)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float64))
+
+
 def _gather(table, t, x):
     """table[t] as a float32 column broadcastable against x: (N,) -> (N, 1, 1, 1)."""
     return table.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
@@ -137,27 +142,27 @@ class GaussianDiffusion:
             elif config.schedule == "cosine":
                 betas = cosine_betas(config.num_timesteps)
             else:
-                raise ValueError(f"unknown schedule {config.schedule!r}; expected 'linear' or 'cosine'")
+                raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
         # Every table is computed once in float64 (1 - alpha_bar near t = 0 is ~1e-4: float32
         # would lose digits) and kept as a tensor; _gather casts the picked rows to float32.
         b = np.asarray(betas, dtype=np.float64)
-        acp = np.cumprod(1.0 - b)                                           # alpha_bar_t
-        acp_prev = np.append(1.0, acp[:-1])                                 # alpha_bar_{t-1}
-        posterior_var = b * (1.0 - acp_prev) / (1.0 - acp)                  # DDPM Eq. 7, beta~_t
-        T = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float64))
+        alpha_bar = np.cumprod(1.0 - b)                                     # alpha_bar_t
+        alpha_bar_prev = np.append(1.0, alpha_bar[:-1])                     # alpha_bar_{t-1}
+        posterior_var = b * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)      # DDPM Eq. 7, beta~_t
         self.num_timesteps = len(b)
-        self.betas = T(b)
-        self.alphas_cumprod = T(acp)
-        self.alphas_cumprod_prev = T(acp_prev)
-        self.sqrt_alphas_cumprod = T(np.sqrt(acp))
-        self.sqrt_one_minus_alphas_cumprod = T(np.sqrt(1.0 - acp))
-        self.posterior_variance = T(posterior_var)
+        self.betas = _table(b)
+        self.alphas_cumprod = _table(alpha_bar)
+        self.alphas_cumprod_prev = _table(alpha_bar_prev)
+        self.sqrt_alphas_cumprod = _table(np.sqrt(alpha_bar))
+        self.sqrt_one_minus_alphas_cumprod = _table(np.sqrt(1.0 - alpha_bar))
+        self.posterior_variance = _table(posterior_var)
         # beta~_0 = 0: clip the log at t = 0 to beta~_1 (IDDPM's convention). A one-step process has no
         # beta~_1; its one step is the last, which adds no noise, so beta_0 stands in.
         first = posterior_var[1] if len(b) > 1 else b[0]
-        self.posterior_log_variance_clipped = T(np.log(np.append(first, posterior_var[1:])))
-        self.posterior_mean_coef1 = T(b * np.sqrt(acp_prev) / (1.0 - acp))            # DDPM Eq. 7, on x0
-        self.posterior_mean_coef2 = T((1.0 - acp_prev) * np.sqrt(1.0 - b) / (1.0 - acp))  # on x_t
+        self.posterior_log_variance_clipped = _table(np.log(np.append(first, posterior_var[1:])))
+        # DDPM Eq. 7: the posterior mean's coefficients on x0 and on x_t
+        self.posterior_mean_coef1 = _table(b * np.sqrt(alpha_bar_prev) / (1.0 - alpha_bar))
+        self.posterior_mean_coef2 = _table((1.0 - alpha_bar_prev) * np.sqrt(1.0 - b) / (1.0 - alpha_bar))
         # Which timestep of the trained model each step of this (possibly respaced) process is.
         self.timestep_map = torch.arange(self.num_timesteps)
 
@@ -165,28 +170,35 @@ class GaussianDiffusion:
 
     def q_sample(self, x0, t, noise):
         """DDPM Eq. 4: x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        return (_gather(self.sqrt_alphas_cumprod, t, x0) * x0
+                + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior(self, x0, xt, t):
-        """DDPM Eqs. 6-7: q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I); returns (mean, variance, log variance)."""
+        """DDPM Eqs. 6-7: q(x_{t-1} | x_t, x0) = N(mu~_t, beta~_t I); returns (mean, variance,
+        log variance)."""
         mean = _gather(self.posterior_mean_coef1, t, xt) * x0 + _gather(self.posterior_mean_coef2, t, xt) * xt
-        return mean, _gather(self.posterior_variance, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
+        return (mean, _gather(self.posterior_variance, t, xt),
+                _gather(self.posterior_log_variance_clipped, t, xt))
 
     def eps_to_x0(self, xt, t, eps):
         """Invert Eq. 4 for x0: x0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar)."""
-        return (xt - _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / _gather(self.sqrt_alphas_cumprod, t, xt)
+        return ((xt - _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps)
+                / _gather(self.sqrt_alphas_cumprod, t, xt))
 
     def x0_to_eps(self, xt, t, x0):
         """Invert Eq. 4 for eps: eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar)."""
-        return (xt - _gather(self.sqrt_alphas_cumprod, t, xt) * x0) / _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
+        return ((xt - _gather(self.sqrt_alphas_cumprod, t, xt) * x0)
+                / _gather(self.sqrt_one_minus_alphas_cumprod, t, xt))
 
     def v_target(self, x0, t, noise):
         """Salimans & Ho Sec. 4: v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0."""
-        return _gather(self.sqrt_alphas_cumprod, t, x0) * noise - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return (_gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0)
 
     def v_to_x0(self, xt, t, v):
         """x0 = sqrt(alpha_bar) x_t - sqrt(1 - alpha_bar) v (the rotation that defines v, inverted)."""
-        return _gather(self.sqrt_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * v
+        return (_gather(self.sqrt_alphas_cumprod, t, xt) * xt
+                - _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * v)
 
     def split_output(self, out, xt, t):
         """Network output -> (x0, variance channels or None), whatever the network predicts."""
@@ -201,11 +213,13 @@ class GaussianDiffusion:
         return x0, var_values
 
     def model_log_variance(self, var_values, t, x):
-        """IDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, with the output v in [-1, 1] -> [0, 1]."""
+        """IDDPM Eq. 15: log Sigma = v log beta_t + (1 - v) log beta~_t, with the output v in
+        [-1, 1] -> [0, 1]."""
         if var_values is None:          # fixed variance: beta~_t (DDPM's sigma_t^2 = beta~_t choice)
             return _gather(self.posterior_log_variance_clipped, t, x)
         frac = (var_values + 1) / 2
-        return frac * _gather(torch.log(self.betas), t, x) + (1 - frac) * _gather(self.posterior_log_variance_clipped, t, x)
+        return (frac * _gather(torch.log(self.betas), t, x)
+                + (1 - frac) * _gather(self.posterior_log_variance_clipped, t, x))
 
     # ---------------------------------------------------------------- training loss
 
@@ -247,11 +261,12 @@ class GaussianDiffusion:
 
     def loss_weight(self, t, x):
         """Per-step weights of the prediction's MSE, defined on the x0 error and converted to the predicted
-        quantity (its error is the x0 error times SNR for eps, times 1 + SNR for v; SNR = alpha_bar / (1 - alpha_bar)):
+        quantity (its error is the x0 error times SNR for eps, times 1 + SNR for v;
+        SNR = alpha_bar / (1 - alpha_bar)):
           min-snr    min(SNR, gamma): Min-SNR-gamma (Hang et al. 2023, arXiv 2303.09556);
           v-clipped  min(1 + SNR, gamma): the v-loss's weighting, clipped the same way."""
-        acp = _gather(self.alphas_cumprod, t, x).flatten()
-        snr, gamma = acp / (1 - acp), self.config.snr_gamma
+        alpha_bar = _gather(self.alphas_cumprod, t, x).flatten()
+        snr, gamma = alpha_bar / (1 - alpha_bar), self.config.snr_gamma
         x0_weight = (snr if self.config.loss_weight == "min-snr" else 1 + snr).clamp(max=gamma)
         return x0_weight / {"x0": torch.ones_like(snr), "eps": snr, "v": 1 + snr}[self.config.prediction]
 
@@ -265,7 +280,8 @@ class GaussianDiffusion:
         kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
                     + (true_mean - model_mean) ** 2 * torch.exp(-model_logvar))
         kl = kl.flatten(1).mean(1) / math.log(2.0)
-        nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(1) / math.log(2.0)
+        nll = (-discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(1)
+               / math.log(2.0))
         return torch.where(t == 0, nll, kl)                                   # (N,)
 
     # ---------------------------------------------------------------- respacing
@@ -273,11 +289,11 @@ class GaussianDiffusion:
     def respace(self, timesteps):
         """A process over a subset of the trained timesteps with the same alpha_bar at each (IDDPM Sec. 4):
         beta_i = 1 - alpha_bar_{t_i} / alpha_bar_{t_{i-1}}. Step i calls the network with t = timesteps[i]."""
-        acp = self.alphas_cumprod.numpy()
+        alpha_bar = self.alphas_cumprod.numpy()
         last, betas = 1.0, []
         for t in timesteps:
-            betas.append(1.0 - acp[t] / last)
-            last = acp[t]
+            betas.append(1.0 - alpha_bar[t] / last)
+            last = alpha_bar[t]
         spaced = GaussianDiffusion(self.config, betas=np.array(betas))
         spaced.timestep_map = self.timestep_map[torch.as_tensor(timesteps)]
         return spaced
@@ -318,7 +334,8 @@ class GaussianDiffusion:
         return x
 
     def ddpm_step(self, xt, x0, var_values, t, noise):
-        """DDPM Algorithm 2 through the posterior: x_{t-1} = mu~_t(x_t, x0) + sigma_t z, no noise at the last step."""
+        """DDPM Algorithm 2 through the posterior: x_{t-1} = mu~_t(x_t, x0) + sigma_t z, no noise at
+        the last step."""
         mean, _, _ = self.q_posterior(x0, xt, t)
         if noise is None:
             return mean
@@ -373,5 +390,6 @@ def discretized_gaussian_log_likelihood(x, means, log_scales):
     log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
     log_probs = torch.where(x < -0.999, log_cdf_plus,
-                            torch.where(x > 0.999, log_one_minus_cdf_min, torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+                            torch.where(x > 0.999, log_one_minus_cdf_min,
+                                        torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
     return log_probs

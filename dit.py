@@ -38,12 +38,17 @@ class DiTConfig:
         if self.image_size % self.patch_size:
             raise ValueError(f"image size {self.image_size} is not divisible by patch size {self.patch_size}")
         if self.hidden_size % self.num_heads or self.hidden_size % 4:
-            raise ValueError(f"hidden size {self.hidden_size} must be divisible by the {self.num_heads} heads and by 4 "
-                             f"(the 2-D sin-cos position embedding)")
+            raise ValueError(f"hidden size {self.hidden_size} must be divisible by the {self.num_heads} "
+                             f"heads and by 4 (the 2-D sin-cos position embedding)")
 
     @property
     def out_channels(self) -> int:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def image_shape(self) -> tuple:
+        """(C, H, W) of one image."""
+        return (self.in_channels, self.image_size, self.image_size)
 
     @property
     def null_class(self) -> int:
@@ -177,7 +182,8 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x, c):                                               # x (N, T, D), c (N, D)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = \
+            self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(layer_norm_fp32(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(layer_norm_fp32(x), shift_mlp, scale_mlp))
         return x                                                           # (N, T, D)
@@ -201,25 +207,29 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    """Diffusion Transformer: patchify -> + position -> N adaLN-Zero blocks conditioned on t + y -> unpatchify."""
+    """Diffusion Transformer: patchify -> + position -> N adaLN-Zero blocks conditioned on t + y
+    -> unpatchify."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        c = config
-        self.config = c
-        self.grid_size = c.image_size // c.patch_size
+        self.config = cfg = config
+        self.grid_size = cfg.image_size // cfg.patch_size
         # Patchify (paper Fig. 4): a conv with stride = kernel = p is a Linear applied to each patch.
-        self.x_embedder = nn.Conv2d(c.in_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
-        self.t_embedder = TimestepEmbedder(c.hidden_size)
-        self.y_embedder = LabelEmbedder(c.num_classes, c.hidden_size, c.class_dropout_prob)
+        self.x_embedder = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
+                                    stride=cfg.patch_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
         # Fixed, not learned: a buffer moves with the model (.to, .half) but is never updated, nor saved.
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(c.hidden_size, self.grid_size)[None], persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth)])
-        self.final_layer = FinalLayer(c.hidden_size, c.patch_size, c.out_channels)
+        pos_embed = sincos_pos_embed_2d(cfg.hidden_size, self.grid_size)[None]           # (1, T, D)
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio)
+                                     for _ in range(cfg.depth)])
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):
-        """The official DiT initialisation; with the zeroed adaLN and output layers a new DiT outputs exactly 0."""
+        """The official DiT initialisation; with the zeroed adaLN and output layers a new DiT outputs
+        exactly 0."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

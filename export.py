@@ -29,57 +29,32 @@ import tempfile
 import time
 import warnings
 
-from cli import (DEFAULT_BATCH_SIZE, SHIPPED_CKPT, SHIPPED_EXPORT_DIR, ArgumentParser, UserError, atomic_write,
-                 check_writable, checkpoint_or_shipped, config_dict, file_sha256, first_line, nonnegative_int,
-                 positive_int, refuse_overwrite, run_cli, same_file)
+from cli import run_cli
+from recipe import parse_export_args
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_export_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from backends import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
+                      trt_logger, trt_unavailable_reason)
+from checkpoint import (SHIPPED_CKPT, checkpoint_or_shipped, config_dict, file_sha256, model_from_checkpoint,
+                        write_sidecar)
+from cli import UserError, first_line
+from guard import atomic_write, check_writable, move_into_place, refuse_overwrite, same_file
+from recipe import EXPERIMENTAL_OPSET, SHIPPED_EXPORT_DIR
+from sample import draw_samples, pixel_difference
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
 FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
 FP16_MAX = 65504.0      # largest finite fp16
 FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
-OPSETS = (20, 21, 22, 23)
-CHECK_CFG = 2.0        # guidance of the fixed-seed check runs: a doubled batch, as in sampling
-EXPERIMENTAL_OPSET = 23  # emits ONNX Attention nodes, which TensorRT's ONNX importer has handled only recently
-
-
-# ----------------------------------------------------------------------------------------------
-#                                           Flags
-# ----------------------------------------------------------------------------------------------
-
-def parse_args(argv):
-    p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
-    a = p.add_argument
-    a("--ckpt", default=None, help="checkpoint written by train.py (None: the shipped model, "
-      "checkpoints/dit-t4-mnist.pt)")
-    a("--out-dir", default=None, help="folder for the files (None: the checkpoint's folder; "
-      f"{SHIPPED_EXPORT_DIR} for the shipped model)")
-    a("--weights", choices=("ema", "model"), default="ema", help="the EMA or the raw trained weights")
-    a("--opset", type=int, default=20, choices=OPSETS, help=f"ONNX opset; {EXPERIMENTAL_OPSET} is experimental "
-      "(ONNX Attention nodes, new in TensorRT's importer)")
-    a("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="the sampling batch the engine is "
-      "tuned for (sample.py's and infer_trt.py's default); the profile's opt is 2x: guidance doubles it")
-    a("--max-batch", type=positive_int, default=256, help="largest engine batch (at least 2x --batch-size)")
-    a("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
-    a("--workspace-gb", type=positive_int, default=4, help="TensorRT builder workspace limit")
-    a("--verify-steps", type=positive_int, default=10, help="DDIM steps of the fixed-seed comparison")
-    a("--seed", type=nonnegative_int, default=0, help="seed of the check inputs")
-    args = p.parse_args(argv)
-    if 2 * args.batch_size > args.max_batch:
-        raise UserError(f"--max-batch {args.max_batch} must be at least 2 x --batch-size = {2 * args.batch_size} "
-                        f"(classifier-free guidance runs a doubled batch)")
-    return args
-
-
-if __name__ == "__main__":
-    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
-
-import numpy as np  # noqa: E402  (imported after the flags on purpose)
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from data import pixel_difference  # noqa: E402
-from runtime import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,  # noqa: E402
-                     model_from_checkpoint, trt_logger, trt_unavailable_reason, write_sidecar)
+CHECK_CFG = 2.0         # guidance of the fixed-seed check runs: a doubled batch, as in sampling
+ONNX_FILES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16"}
+WRITTEN = ("model.onnx", "model_fp16.onnx", "model_fp16.engine", "model_fp16.timing.cache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,20 +67,13 @@ def export_onnx(module, path, example, opset):
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed", ...
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # known-harmless exporter warnings (deprecations, unused axis names)
+        warnings.simplefilter("ignore")      # known-harmless exporter warnings
+                                             # (deprecations, unused axis names)
         torch.onnx.export(module, example, path, input_names=["x", "t", "y"], output_names=["out"],
                           dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
                           opset_version=opset, dynamo=True, verbose=False,
-                          external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit: weights in .onnx.data
-
-
-def move_into_place(path, target):
-    """fsync a checked file (and its external weights `.data`, if any) and rename it to its final name."""
-    for suffix in (".data", ""):                # the weights first: a graph never points at missing ones
-        if os.path.isfile(path + suffix):
-            with open(path + suffix, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(path + suffix, target + suffix)
+                          external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit:
+                                                                 # weights in .onnx.data
 
 
 def graph_summary(path):
@@ -115,7 +83,7 @@ def graph_summary(path):
         onnx.checker.check_model(path, full_check=True)
     except onnx.checker.ValidationError as e:
         raise UserError(f"exported graph {os.path.basename(path)} fails onnx.checker: "
-                        f"{first_line(e, 200)}") from None
+                        f"{first_line(e)}") from None
     model = onnx.load(path, load_external_data=False)
     return len(model.graph.node), collections.Counter(n.op_type for n in model.graph.node)
 
@@ -151,7 +119,7 @@ def errors(ref, out):
 
 def random_inputs(config, num_timesteps, n, generator):
     """Random x ~ N(0, I), t uniform over [0, T), y over every class and the null class."""
-    x = torch.randn((n, config.in_channels, config.image_size, config.image_size), generator=generator)
+    x = torch.randn((n, *config.image_shape), generator=generator)
     t = torch.randint(0, num_timesteps, (n,), generator=generator)
     y = torch.randint(0, config.num_classes + 1, (n,), generator=generator)
     return x, t, y
@@ -187,25 +155,24 @@ def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
     from onnx.reference import ReferenceEvaluator
     graph = onnx.load(path)
     x, t, y = random_inputs(config, num_timesteps, batch, torch.Generator().manual_seed(seed))
-    with np.errstate(over="ignore", invalid="ignore"):           # an overflow is reported below, as inf or NaN
+    with np.errstate(over="ignore", invalid="ignore"):           # an overflow is reported below,
+                                                                 # as inf or NaN
         values = ReferenceEvaluator(graph).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()},
                                                intermediate=True)
     heavy = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
     in_fp16 = sum(values[n.output[0]].dtype == np.float16 for n in heavy)
     out = torch.from_numpy(values["out"])
     if not torch.isfinite(out).all():
-        raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for this "
-                        f"model; deploy model.onnx (fp32)")
+        raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for "
+                        f"this model; deploy model.onnx (fp32)")
     return {"batch": batch, **errors(reference(x, t, y), out), "matmuls_in_fp16": f"{in_fp16}/{len(heavy)}"}
 
 
 def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
     """A short deterministic DDIM run (eta 0): the same seed gives the same noise on every backend."""
-    labels = (torch.arange(num) + seed) % config.num_classes
-    g = torch.Generator().manual_seed(seed)
-    shape = (num, config.in_channels, config.image_size, config.image_size)
-    return diffusion.sample(fn, shape, labels, sampler="ddim", steps=steps, cfg_scale=cfg_scale,
-                            null_class=config.null_class, generator=g, device=device)
+    labels = ((torch.arange(num) + seed) % config.num_classes).tolist()
+    return draw_samples(fn, diffusion, config, labels, torch.Generator().manual_seed(seed), sampler="ddim",
+                        steps=steps, cfg_scale=cfg_scale, batch_size=num, device=device)
 
 
 def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed, device="cuda"):
@@ -220,8 +187,8 @@ def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed,
     reference = fixed_seed_sample(torch_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
     images = fixed_seed_sample(engine_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
     ddim = pixel_difference(reference.cpu(), images.cpu())
-    print(f"  DDIM {steps} steps, CFG {CHECK_CFG:g}, seed {seed}, {num} images: engine vs PyTorch largest pixel "
-          f"difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+    print(f"  DDIM {steps} steps, CFG {CHECK_CFG:g}, seed {seed}, {num} images: engine vs PyTorch largest "
+          f"pixel difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
     return rows, ddim
 
 
@@ -243,8 +210,9 @@ def fp16_headroom(model, diffusion, config, steps, seed):
     print(f"  largest activation {peak:.1f}: {FP16_MAX / max(peak, 1e-9):.0f}x below the fp16 maximum 65504 "
           f"(the export requires {FP16_MARGIN}x)")
     if not peak < FP16_MAX / FP16_MARGIN:
-        raise UserError(f"activations reach {peak:.0f}, within {FP16_MARGIN}x of fp16's maximum 65504: the fp16 graph "
-                        f"and engine could overflow; this checkpoint cannot be exported in fp16")
+        raise UserError(f"activations reach {peak:.0f}, within {FP16_MARGIN}x of fp16's maximum 65504: "
+                        f"the fp16 graph and engine could overflow; "
+                        f"this checkpoint cannot be exported in fp16")
     return peak
 
 
@@ -343,133 +311,162 @@ def remove_dead_exports(out_dir):
         shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.opset == EXPERIMENTAL_OPSET:
-        print(f"note: opset {args.opset} is experimental: its ONNX Attention nodes are new to TensorRT's importer")
-    args.ckpt = checkpoint_or_shipped(args.ckpt)
-    shipped = same_file(args.ckpt, SHIPPED_CKPT)
-    out_dir = args.out_dir or (SHIPPED_EXPORT_DIR if shipped else os.path.dirname(os.path.abspath(args.ckpt)))
-
-    written = ("model.onnx", "model_fp16.onnx", "model_fp16.engine", "model_fp16.timing.cache")
-    outputs = written + tuple(f + ".json" for f in written)
-    refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in outputs}, {"--ckpt": args.ckpt})
-    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu", use_ema=args.weights == "ema")
-    check_writable(os.path.join(out_dir, "model.onnx"))
-    config, pred = model.config, diffusion.config.prediction
-    chw = (config.in_channels, config.image_size, config.image_size)
-    has_ema = ckpt.get("ema") is not None or ckpt.get("sampling_only")     # a sampling-only file: EMA weights only
-    weights = "ema" if args.weights == "ema" and has_ema else "model"
-    print(f"{args.ckpt}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
-          f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
-          f"{config.image_size}, {config.image_size})")
+def export_metadata(ckpt_path, weights_flag, opset, model, diffusion, class_names, ckpt):
+    """What every sidecar records: the checkpoint (path, SHA-256, weights, step), configs, I/O, versions."""
     import onnx
     import onnxruntime
-    meta = {"checkpoint": {"path": os.path.abspath(args.ckpt), "sha256": file_sha256(args.ckpt),
+    config, pred = model.config, diffusion.config.prediction
+    has_ema = ckpt.get("ema") is not None or ckpt.get("sampling_only")     # a sampling-only file:
+                                                                           # EMA weights only
+    weights = "ema" if weights_flag == "ema" and has_ema else "model"
+    print(f"{ckpt_path}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
+          f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
+          f"{config.image_size}, {config.image_size})")
+    return {"checkpoint": {"path": os.path.abspath(ckpt_path), "sha256": file_sha256(ckpt_path),
                            "weights": weights, "step": ckpt.get("step")},
             "model_config": config_dict(config), "diffusion_config": config_dict(diffusion.config),
-            "class_names": class_names, "opset": args.opset,
-            "io": {"x": ["N", *chw, "float32"], "t": ["N", "int64"], "y": ["N", "int64"],
-                   "out": ["N", config.out_channels, *chw[1:], "float32"],
+            "class_names": class_names, "opset": opset,
+            "io": {"x": ["N", *config.image_shape, "float32"], "t": ["N", "int64"], "y": ["N", "int64"],
+                   "out": ["N", config.out_channels, config.image_size, config.image_size, "float32"],
                    "out_means": f"{pred}{' then variance interpolation' if config.learn_sigma else ''}"},
-            "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+            "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
-    # Everything is written into a hidden temp folder and moved next to the checkpoint only once checked.
+
+def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, seed):
+    """Stage 1: both ONNX graphs, each checked against PyTorch in ONNX Runtime (and the fp16 one in fp16
+    arithmetic), then moved beside each other with their sidecars. Nothing is written unless all pass."""
+    config, T = model.config, diffusion.num_timesteps
+    # Everything is written into a hidden temp folder and moved to out_dir only once checked.
     remove_dead_exports(out_dir)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".export-{os.getpid()}-")
     try:
-        example = random_inputs(config, diffusion.num_timesteps, 2, torch.Generator().manual_seed(args.seed))
+        example = random_inputs(config, T, 2, torch.Generator().manual_seed(seed))
         torch_fn = TorchBackend(model)
         # fp16 arithmetic, op by op with fp16 results (an overflow shows as inf): PyTorch's fp16 model on this
         # machine's device. ONNX Runtime's CPU provider cannot show it: it computes fp16 nodes in fp32.
         device = "cuda" if torch.cuda.is_available() else "cpu"
         fp16_fn = TorchBackend(LowPrecision(model, torch.float16).to(device))
-        fp16_rows = parity(torch_fn, fp16_fn, config, diffusion.num_timesteps, seed=args.seed)
+        fp16_rows = parity(torch_fn, fp16_fn, config, T, seed=seed)
         print_parity(f"torch fp16 ({device}) vs fp32", fp16_rows)
         check_tolerance(fp16_rows, "fp16", f"the fp16 model on {device}")
-        peak = fp16_headroom(model, diffusion, config, args.verify_steps, args.seed)
+        peak = fp16_headroom(model, diffusion, config, verify_steps, seed)
         results = {}
-        for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
+        for name, precision in ONNX_FILES.items():
             path, start = os.path.join(tmp, name), time.time()
             module = model if precision == "fp32" else LowPrecision(model, torch.float16)
-            export_onnx(module, path, example, args.opset)
+            export_onnx(module, path, example, opset)
             nodes, ops = graph_summary(path)
-            print(f"{name}: opset {args.opset}, {nodes} nodes, {os.path.getsize(path) / 2**20:.1f} MiB, "
+            print(f"{name}: opset {opset}, {nodes} nodes, {os.path.getsize(path) / 2**20:.1f} MiB, "
                   f"exported in {time.time() - start:.1f} s; ops: "
                   + ", ".join(f"{op} {k}" for op, k in ops.most_common()))
             if precision == "fp16":
-                islands = fp32_islands(path)
-                print("  fp32 islands: " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in
-                                                     ((k, v) for k, v in islands.items() if k != "Cast"))
-                      + f", {islands['Cast']} Casts")
-                if any(a != b for k, (a, b) in ((k, v) for k, v in islands.items() if k != "Cast")):
-                    raise UserError(f"{name}: some LayerNorm or sin/cos nodes compute in fp16 (overflow risk in "
-                                    f"TensorRT); dit.py must keep layer_norm_fp32 and an fp32 timestep embedding")
+                check_fp32_islands(path, name)
             ort_fn = OrtBackend(path, providers=["CPUExecutionProvider"], meta=meta)
-            rows = parity(torch_fn, ort_fn, config, diffusion.num_timesteps, seed=args.seed)
+            rows = parity(torch_fn, ort_fn, config, T, seed=seed)
             print_parity(f"ORT {precision} vs torch", rows)
             check_tolerance(rows, precision, name)
             results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows, "checks": {}}
             if precision == "fp16":
                 start = time.time()
-                row = fp16_arithmetic(path, torch_fn, config, diffusion.num_timesteps, args.seed)
+                row = fp16_arithmetic(path, torch_fn, config, T, seed)
                 print_parity("fp16 arithmetic", [row])
-                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv/Attention nodes computed in fp16 by onnx's "
-                      f"reference runtime, {time.time() - start:.1f} s)")
+                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv/Attention nodes computed in fp16 "
+                      f"by onnx's reference runtime, {time.time() - start:.1f} s)")
                 check_tolerance([row], "fp16", f"{name} computed in fp16 (onnx reference runtime)")
                 results[name]["checks"]["fp16_arithmetic_vs_torch"] = row
 
         # The same fixed-seed DDIM run through PyTorch and both ONNX graphs: what a user would see.
-        reference = fixed_seed_sample(torch_fn, diffusion, config, args.verify_steps, args.seed, CHECK_CFG)
+        reference = fixed_seed_sample(torch_fn, diffusion, config, verify_steps, seed, CHECK_CFG)
         for name, r in results.items():
-            images = fixed_seed_sample(r["ort_fn"], diffusion, config, args.verify_steps, args.seed, CHECK_CFG)
+            images = fixed_seed_sample(r["ort_fn"], diffusion, config, verify_steps, seed, CHECK_CFG)
             r["ddim"] = pixel_difference(reference, images)
-            print(f"  DDIM {args.verify_steps} steps, CFG {CHECK_CFG:g}, seed {args.seed}, 8 images: {name} vs "
-                  f"PyTorch largest pixel difference {r['ddim']['float']:.3f} / 255 (uint8: {r['ddim']['uint8']})")
+            print(f"  DDIM {verify_steps} steps, CFG {CHECK_CFG:g}, seed {seed}, 8 images: {name} vs "
+                  f"PyTorch largest pixel difference {r['ddim']['float']:.3f} / 255 "
+                  f"(uint8: {r['ddim']['uint8']})")
 
         for name, r in results.items():
             move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name))
             write_sidecar(os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
-                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows}, "activation_peak": peak,
-                           **r["checks"]}})
+                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows},
+                           "activation_peak": peak, **r["checks"]}})
             print(f"wrote {os.path.join(out_dir, name)} (+ .json)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    reason = trt_unavailable_reason()
-    if reason:
-        print(f"TensorRT engine skipped: {reason}. The ONNX files are ready (infer_trt.py --backend ort).")
-        return
+
+def check_fp32_islands(path, name):
+    """TensorRT 11 keeps each tensor in its ONNX type: LayerNorm and sin/cos must compute in fp32."""
+    islands = fp32_islands(path)
+    counts = {k: v for k, v in islands.items() if k != "Cast"}
+    print("  fp32 islands: " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in counts.items())
+          + f", {islands['Cast']} Casts")
+    if any(a != b for a, b in counts.values()):
+        raise UserError(f"{name}: some LayerNorm or sin/cos nodes compute in fp16 (overflow risk in "
+                        f"TensorRT); dit.py must keep layer_norm_fp32 and an fp32 timestep embedding")
+
+
+def build_checked_engine(model, diffusion, meta, out_dir, batch_size, max_batch, opt_level, workspace_gb,
+                         verify_steps, seed):
+    """Stage 2: the TensorRT fp16 engine from model_fp16.onnx, tuned for batch 2 x batch_size (guidance
+    doubles the sampling batch), checked against PyTorch on the same GPU before it and its sidecar replace
+    an earlier one."""
     onnx_path = os.path.join(out_dir, "model_fp16.onnx")
-    engine_path, cache_path = os.path.join(out_dir, "model_fp16.engine"), os.path.join(out_dir, "model_fp16.timing.cache")
+    engine_path = os.path.join(out_dir, "model_fp16.engine")
+    cache_path = os.path.join(out_dir, "model_fp16.timing.cache")
     new_engine = os.path.join(out_dir, ".model_fp16.engine.unchecked")    # becomes the engine once checked
-    batches = (1, 2 * args.batch_size, args.max_batch)
+    batches = (1, 2 * batch_size, max_batch)
     start = time.time()
-    version = build_engine(onnx_path, new_engine, cache_path, chw, batches, args.opt_level, args.workspace_gb)
+    version = build_engine(onnx_path, new_engine, cache_path, model.config.image_shape, batches, opt_level,
+                           workspace_gb)
     print(f"model_fp16.engine: TensorRT {version}, profile min/opt/max batch {batches}, "
-          f"opt level {args.opt_level}, built in {time.time() - start:.0f} s")
+          f"opt level {opt_level}, built in {time.time() - start:.0f} s")
     engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": "model_fp16.onnx",
                    "versions": {**meta["versions"], "tensorrt": version},
-                   "gpu": {"name": current_gpu_name(), "capability": list(torch.cuda.get_device_capability(0))},
+                   "gpu": {"name": current_gpu_name(),
+                           "capability": list(torch.cuda.get_device_capability(0))},
                    "profile": {**dict(zip(("min", "opt", "max"), batches)),
-                               "opt_is": f"2 x --batch-size {args.batch_size}: guidance doubles the sampling batch"},
-                   "builder_optimization_level": args.opt_level}
-
+                               "opt_is": f"2 x --batch-size {batch_size}: "
+                                         f"guidance doubles the sampling batch"},
+                   "builder_optimization_level": opt_level}
     try:
-        # The engine against the PyTorch model on the same GPU, before it and its sidecar replace an earlier one.
         model = model.cuda()
         trt_fn = TrtBackend(new_engine, meta=engine_meta)
-        rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, config, args.max_batch,
-                                  args.verify_steps, args.seed)
+        rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, model.config, max_batch,
+                                  verify_steps, seed)
         move_into_place(new_engine, engine_path)
-        write_sidecar(engine_path, {**engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
+        write_sidecar(engine_path, {**engine_meta,
+                                    "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
     finally:
         if os.path.exists(new_engine):     # a failed check leaves no engine behind
             os.remove(new_engine)
     print(f"wrote {engine_path} (+ .json) and {cache_path}")
+
+
+def main(argv=None):
+    args = parse_export_args(argv)
+    if args.opset == EXPERIMENTAL_OPSET:
+        print(f"note: opset {args.opset} is experimental: "
+              f"its ONNX Attention nodes are new to TensorRT's importer")
+    args.ckpt = checkpoint_or_shipped(args.ckpt)
+    shipped = same_file(args.ckpt, SHIPPED_CKPT)
+    out_dir = args.out_dir or (SHIPPED_EXPORT_DIR if shipped else os.path.dirname(os.path.abspath(args.ckpt)))
+    outputs = WRITTEN + tuple(f + ".json" for f in WRITTEN)
+    refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in outputs}, {"--ckpt": args.ckpt})
+    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu",
+                                                                use_ema=args.weights == "ema")
+    check_writable(os.path.join(out_dir, "model.onnx"))
+    meta = export_metadata(args.ckpt, args.weights, args.opset, model, diffusion, class_names, ckpt)
+    export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed)
+    reason = trt_unavailable_reason()
+    if reason:
+        print(f"TensorRT engine skipped: {reason}. The ONNX files are ready (infer_trt.py --backend ort).")
+        return
+    build_checked_engine(model, diffusion, meta, out_dir, args.batch_size, args.max_batch, args.opt_level,
+                         args.workspace_gb, args.verify_steps, args.seed)
 
 
 if __name__ == "__main__":

@@ -19,45 +19,28 @@ import os
 import sys
 import time
 
-from cli import (SHIPPED_EXPORT_DIR, ArgumentParser, UserError, add_sampling_args, check_sampling_args,
-                 checkpoint_or_shipped, label_table_path, pick_device, refuse_overwrite, run_cli)
+from cli import run_cli
+from recipe import parse_infer_args
 
-ENGINE_NAME, ONNX_NAME = "model_fp16.engine", "model.onnx"
+if __name__ == "__main__":
+    run_cli(lambda: parse_infer_args(sys.argv[1:]))   # --help answers before torch loads
+
+import torch
+
+from backends import TorchBackend, open_backend, trt_unavailable_reason
+from checkpoint import (check_sidecar, checkpoint_or_shipped, class_names_of, configs_from_checkpoint,
+                        model_from_checkpoint)
+from cli import UserError, pick_device
+from diffusion import GaussianDiffusion
+from guard import check_writable, refuse_overwrite
+from recipe import ENGINE_NAME, ONNX_NAME, SHIPPED_EXPORT_DIR
+from sample import label_table_path, pixel_difference, sample_args, save_labelled_grid
+
 # --compare's verdict: the largest pixel difference (of 255 grey levels) allowed against PyTorch fp32. An fp32
 # graph computes what PyTorch does up to rounding; the fp16 ones (engine, model_fp16.onnx) round to fp16.
 PIXEL_TOLERANCE = {"fp32": 1.0, "fp16": 8.0}
-NEAR_ZERO = 1e-3        # a reference network whose outputs stay below this is untrained: any comparison passes
-BACKENDS = ("trt", "ort", "torch")      # fastest first; spelled out so flags parse before torch loads
-
-
-def build_parser():
-    p = ArgumentParser(description="Sample a labelled PNG grid on a TensorRT engine / ONNX Runtime / PyTorch.")
-    a = p.add_argument
-    a("--engine", default=None, help=f"TensorRT engine from export.py ({ENGINE_NAME})")
-    a("--onnx", default=None, help=f"ONNX file from export.py (None: {ONNX_NAME} beside the engine)")
-    a("--ckpt", default=None, help="the checkpoint: for --backend torch and --compare; checked against the sidecar")
-    a("--backend", default="auto", choices=("auto", *BACKENDS), help="auto = the fastest available")
-    a("--cuda-graph", action="store_true", help="trt: replay each batch size as one CUDA graph")
-    a("--compare", action="store_true", help="also run PyTorch from the same noise; print pixel difference and ms/step")
-    add_sampling_args(p, default_out="runs/samples_infer.png")    # the flags and defaults of sample.py
-    return p
-
-
-def parse_args(argv):
-    args = build_parser().parse_args(argv)
-    check_sampling_args(args)
-    return args
-
-
-if __name__ == "__main__":
-    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
-
-import torch  # noqa: E402  (imported after the flags on purpose)
-
-from data import pixel_difference, save_grid, write_label_table  # noqa: E402
-from diffusion import GaussianDiffusion  # noqa: E402
-from runtime import (TorchBackend, check_sidecar, choose_labels, configs_from_checkpoint, draw_samples,  # noqa: E402
-                     model_from_checkpoint, open_backend, trt_unavailable_reason)
+NEAR_ZERO = 1e-3        # a reference network whose outputs stay below this is untrained:
+                        # any comparison passes
 
 
 def choose_backend(args):
@@ -73,7 +56,8 @@ def choose_backend(args):
     engine = args.engine or os.path.join(folder, ENGINE_NAME)
     onnx_path = args.onnx or os.path.join(folder, ONNX_NAME)
     backend = args.backend
-    no_trt = trt_unavailable_reason() if backend in ("trt", "auto") else None    # imports TensorRT where it can
+    no_trt = trt_unavailable_reason() if backend in ("trt", "auto") else None    # imports TensorRT
+                                                                                 # where it can
     if backend == "trt" and no_trt:
         raise UserError(f"{no_trt}; use --backend ort")
     if backend == "torch" and not args.ckpt:
@@ -129,53 +113,57 @@ class Timed:
 
 
 def run_sampler(fn, diffusion, model_config, class_names, args):
-    """All images, drawn as sample.py draws them (runtime.draw_samples), the labels, the seconds it took and
+    """All images, drawn as sample.py draws them (sample.sample_args), the labels, the seconds it took and
     the timed model call (ms per call, largest output)."""
-    generator = torch.Generator().manual_seed(args.seed)
-    labels = choose_labels(args, class_names, generator)
     timed = Timed(fn, fn.device)
     start = time.perf_counter()
-    images = draw_samples(timed, diffusion, model_config, labels, generator, sampler=args.sampler, steps=args.steps,
-                          cfg_scale=args.cfg_scale, eta=args.eta, thresholding=args.thresholding,
-                          batch_size=args.batch_size, device=fn.device)
+    images, labels = sample_args(args, timed, diffusion, model_config, class_names, fn.device)
     return images, labels, time.perf_counter() - start, timed
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_infer_args(argv)
+    check_writable(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     backend, path = choose_backend(args)
     refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
                      {"--engine": args.engine, "--onnx": args.onnx, "--ckpt": args.ckpt,
                       f"the {backend} file": path})
-    fn = open_backend(backend, path, ckpt_path=args.ckpt, device=pick_device(args.device), cuda_graph=args.cuda_graph)
-    compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None    # found before the sampling
-    model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)   # sidecar (checked) or checkpoint
+    fn = open_backend(backend, path, ckpt_path=args.ckpt, device=pick_device(args.device),
+                      cuda_graph=args.cuda_graph)
+    compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None    # found before
+                                                                                    # the sampling
+    model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)   # sidecar (checked)
+                                                                              # or checkpoint
     diffusion = GaussianDiffusion(diffusion_config)
-    class_names = fn.meta.get("class_names") or [str(i) for i in range(model_config.num_classes)]
+    class_names = class_names_of(fn.meta, model_config)
 
     images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, args)
-    save_grid(images, args.out, nrow=args.nrow)
-    write_label_table(labels, class_names, args.out, args.nrow)
+    save_labelled_grid(images, labels, class_names, args.out, args.nrow)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
-    print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, CFG {args.cfg_scale}, "
-          f"seed {args.seed}, {seconds:.2f} s, {timed.ms_per_call:.2f} ms per network call -> {args.out}")
+    print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, "
+          f"CFG {args.cfg_scale}, seed {args.seed}, {seconds:.2f} s, "
+          f"{timed.ms_per_call:.2f} ms per network call -> {args.out}")
 
     if args.compare:
         weights = fn.meta.get("checkpoint", {}).get("weights", "ema")
-        model, _, _, _ = model_from_checkpoint(compare_ckpt, pick_device(args.device), use_ema=weights == "ema")
-        ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config, class_names,
-                                                      args)
-        diff, tolerance = pixel_difference(images, ref_images), PIXEL_TOLERANCE[fn.meta.get("precision", "fp32")]
+        model, _, _, _ = model_from_checkpoint(compare_ckpt, pick_device(args.device),
+                                               use_ema=weights == "ema")
+        ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config,
+                                                      class_names, args)
+        diff, tolerance = (pixel_difference(images, ref_images),
+                           PIXEL_TOLERANCE[fn.meta.get("precision", "fp32")])
         verdict = "PASS" if diff["float"] <= tolerance else "FAIL"
         speedup = ref.ms_per_call / max(timed.ms_per_call, 1e-9)
         print(f"torch on {next(model.parameters()).device} ({weights} weights of {compare_ckpt}): "
               f"{ref_seconds:.2f} s, {ref.ms_per_call:.2f} ms per network call")
-        print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 (uint8: {diff['uint8']}), "
-              f"tolerance {tolerance:g} / 255: {verdict}; speed-up {speedup:.2f}x per call")
+        print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 "
+              f"(uint8: {diff['uint8']}), tolerance {tolerance:g} / 255: {verdict}; "
+              f"speed-up {speedup:.2f}x per call")
         if ref.max_abs < NEAR_ZERO:
-            print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} (largest {ref.max_abs:.2g}): "
+            print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} "
+                  f"(largest {ref.max_abs:.2g}): "
                   f"an untrained model, so this comparison shows nothing", file=sys.stderr)
         if verdict == "FAIL":
             sys.exit(1)

@@ -10,54 +10,196 @@ Beside grid.png goes grid.txt: the label names, one line per grid row (the lesso
 Sampling uses the EMA weights unless --no-ema. Noise for all images is drawn up front from one
 CPU generator seeded with --seed, so a seed gives the same images whatever --batch-size or device
 (exactly so for the deterministic samplers: ddim with eta 0, dpm++2m).
+
+This file is also the sampling loop and the PNG grids of infer_trt.py, train.py's progress grids, export.py's
+checks and tools/evaluate.py: labels -> starting noise -> diffusion.sample over batches, one way everywhere.
 """
+import os
+import re
 import sys
 
-from cli import (ArgumentParser, add_sampling_args, check_sampling_args, checkpoint_or_shipped, label_table_path,
-                 pick_device, refuse_overwrite, run_cli)
-
-
-def parse_args(argv):
-    p = ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
-    p.add_argument("--ckpt", default=None, help="checkpoint written by train.py, RUN/ckpt.pt (None: the shipped "
-                   "model, checkpoints/dit-t4-mnist.pt)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
-                   help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
-    add_sampling_args(p, default_out="runs/samples.png")
-    args = p.parse_args(argv)
-    check_sampling_args(args)
-    return args
-
+from cli import run_cli
+from recipe import parse_sample_args
 
 if __name__ == "__main__":
-    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+    run_cli(lambda: parse_sample_args(sys.argv[1:]))   # --help answers before torch loads
 
-import torch  # noqa: E402  (imported after the flags on purpose)
+import numpy as np
+import torch
+from PIL import Image
 
-from data import save_grid, write_label_table  # noqa: E402
-from runtime import TorchBackend, choose_labels, draw_samples, model_from_checkpoint  # noqa: E402
+from backends import TorchBackend
+from checkpoint import checkpoint_or_shipped, model_from_checkpoint
+from cli import Progress, UserError, pick_device
+from data import to_uint8
+from guard import atomic_write, check_writable, refuse_overwrite
+from recipe import DEFAULT_NUM_SAMPLES
+
+# ----------------------------------------------------------------------------------------------
+#                                   Labels: text <-> classes
+# ----------------------------------------------------------------------------------------------
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+
+
+def label_spelling(name):
+    """How a class name is typed in --labels: lower case, spaces as _ ('Ankle boot' -> 'ankle_boot')."""
+    return name.lower().replace(" ", "_")
+
+
+def parse_labels(text, class_names):
+    """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class
+    indices and, for digit datasets (classes named "0", "1", ...), English number words; separators are
+    spaces and commas. A name wins over an index: image-folder classes named "1", "3", "7" are asked for
+    by name."""
+    lookup = {label_spelling(name): i for i, name in enumerate(class_names)}
+    if class_names == [str(i) for i in range(len(class_names))] and len(class_names) <= len(DIGIT_WORDS):
+        lookup.update({w: i for i, w in enumerate(DIGIT_WORDS[:len(class_names)])})
+    labels = []
+    for token in text.replace(",", " ").split():
+        word = token.lower()
+        if word in lookup:
+            i = lookup[word]
+        elif re.fullmatch(r"[+-]?\d+", word):
+            i = int(word)
+            if not 0 <= i < len(class_names):
+                raise UserError(f"label {token} is out of range: "
+                                f"this model has classes 0-{len(class_names) - 1}")
+        else:
+            raise UserError(f"unknown label {token!r}: use a class number 0-{len(class_names) - 1} or a name "
+                            f"such as {', '.join(repr(n) for n in list(lookup)[:3])}")
+        labels.append(i)
+    if not labels:
+        raise UserError("no labels given; pass e.g. --labels '7 seven 3'")
+    return labels
+
+
+def choose_labels(labels_text, num_samples, label_order, class_names, generator):
+    """--labels text, or --num-samples labels in cycle (0, 1, 2, ...) or random order -> class indices."""
+    if labels_text is not None:
+        return parse_labels(labels_text, class_names)
+    n, k = num_samples or DEFAULT_NUM_SAMPLES, len(class_names)
+    if label_order == "cycle":
+        return [i % k for i in range(n)]
+    return torch.randint(k, (n,), generator=generator).tolist()
+
+
+def label_table_path(png_path):
+    """grid.png -> grid.txt: where the label names of a sampled grid go."""
+    return os.path.splitext(os.fspath(png_path))[0] + ".txt"
+
+
+def write_label_table(labels, class_names, png_path, nrow):
+    """The label names beside the grid (grid.png -> grid.txt), one line per grid row, like the lesson's
+    prompt table. Returns the .txt path."""
+    names = [class_names[i] for i in labels]
+    table = "\n".join(" ".join(names[r:r + nrow]) for r in range(0, len(names), nrow)) + "\n"
+    txt_path = label_table_path(png_path)
+    atomic_write(txt_path, lambda f: f.write(table), binary=False)
+    return txt_path
+
+
+# ----------------------------------------------------------------------------------------------
+#                                       The batch loop
+# ----------------------------------------------------------------------------------------------
+
+def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sampler, steps, cfg_scale,
+                 eta=0.0, thresholding=False, batch_size=64, device="cpu"):
+    """Images (N, C, H, W) in [-1, 1] on the CPU for `labels`, in batches; the starting noise of all N
+    is drawn first from `generator`, so the images do not depend on batch_size or device."""
+    if not 1 <= steps <= diffusion.num_timesteps:
+        raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the timesteps the model "
+                        f"was trained with")
+    shape = model_config.image_shape                                    # (C, H, W)
+    noise = torch.randn((len(labels), *shape), generator=generator)    # (N, C, H, W)
+    progress = Progress(len(labels), "images ") if len(labels) > batch_size else None   # more than one batch
+    images = []
+    for i in range(0, len(labels), batch_size):
+        if progress:
+            progress.update(i)
+        y = torch.tensor(labels[i:i + batch_size])
+        with torch.no_grad():
+            images.append(diffusion.sample(
+                model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                null_class=model_config.null_class, eta=eta, thresholding=thresholding,
+                noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
+    if progress:
+        progress.update(len(labels), force=True)
+        progress.close()
+    return torch.cat(images)
+
+
+def sample_args(args, model_fn, diffusion, model_config, class_names, device):
+    """The sampling flags' images: --seed's generator, the labels, then draw_samples -> (images, labels)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    labels = choose_labels(args.labels, args.num_samples, args.label_order, class_names, generator)
+    images = draw_samples(model_fn, diffusion, model_config, labels, generator, sampler=args.sampler,
+                          steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
+                          thresholding=args.thresholding, batch_size=args.batch_size, device=device)
+    return images, labels
+
+
+def save_labelled_grid(images, labels, class_names, out, nrow):
+    """The PNG grid and its label table beside it -> the table's path."""
+    save_grid(images, out, nrow=nrow)
+    return write_label_table(labels, class_names, out, nrow)
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   Pictures: images -> PNG grids
+# ----------------------------------------------------------------------------------------------
+
+def pixel_difference(a: torch.Tensor, b: torch.Tensor) -> dict:
+    """Largest difference of two image batches in [-1, 1], in grey levels of 255: as floats and as saved
+    (uint8)."""
+    return {"float": (a - b).abs().max().item() * 127.5,
+            "uint8": int((to_uint8(a).int() - to_uint8(b).int()).abs().max())}
+
+
+def image_grid(images, nrow=8, padding=2):
+    """Tile (N, C, H, W) images in [-1, 1] into one PIL image, nrow images per row, black padding."""
+    x = to_uint8(images).cpu().permute(0, 2, 3, 1).numpy()                # (N, H, W, C)
+    n, h, w, c = x.shape
+    ncol = min(nrow, n)
+    rows = (n + ncol - 1) // ncol
+    grid = np.zeros((rows * (h + padding) + padding, ncol * (w + padding) + padding, c), dtype=np.uint8)
+    for k in range(n):
+        r, col = divmod(k, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[top:top + h, left:left + w] = x[k]
+    return Image.fromarray(grid[..., 0] if c == 1 else grid)
+
+
+def save_grid(images, path, nrow=8):
+    """Write images as a PNG grid atomically; an unwritable path is a one-line UserError."""
+    grid = image_grid(images, nrow)
+    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+
+
+# ----------------------------------------------------------------------------------------------
+#                                            main
+# ----------------------------------------------------------------------------------------------
+
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_sample_args(argv)
+    check_writable(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    args.ckpt = checkpoint_or_shipped(args.ckpt)
+    ckpt_path = checkpoint_or_shipped(args.ckpt)
     refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
-                     {"--ckpt": args.ckpt})
-    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, device, use_ema=not args.no_ema)
-    generator = torch.Generator().manual_seed(args.seed)
-    labels = choose_labels(args, class_names, generator)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-    images = draw_samples(TorchBackend(model, dtype), diffusion, model.config, labels, generator,
-                          sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
-                          thresholding=args.thresholding, batch_size=args.batch_size, device=device)
-    save_grid(images, args.out, nrow=args.nrow)
-    txt_path = write_label_table(labels, class_names, args.out, args.nrow)
-    print(f"{len(labels)} samples from {args.ckpt} (step {ckpt.get('step', '?')}, {'raw' if args.no_ema else 'EMA'} "
-          f"weights), {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} -> {args.out}, {txt_path}")
+                     {"--ckpt": ckpt_path})
+    model, diffusion, class_names, ckpt = model_from_checkpoint(ckpt_path, device, use_ema=not args.no_ema)
+    model_fn = TorchBackend(model, PRECISION_DTYPES[args.precision])
+    images, labels = sample_args(args, model_fn, diffusion, model.config, class_names, device)
+    txt_path = save_labelled_grid(images, labels, class_names, args.out, args.nrow)
+    weights = "raw" if args.no_ema else "EMA"
+    print(f"{len(labels)} samples from {ckpt_path} (step {ckpt.get('step', '?')}, {weights} weights), "
+          f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} -> {args.out}, "
+          f"{txt_path}")
 
 
 if __name__ == "__main__":

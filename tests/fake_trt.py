@@ -1,4 +1,4 @@
-"""A fake TensorRT 11.4 and a fake CUDA, for testing runtime.TrtBackend and export.build_engine on a CPU.
+"""A fake TensorRT 11.4 and a fake CUDA, for testing backends.TrtBackend and export.build_engine on a CPU.
 
 TensorRT cannot be installed on our machines. These fakes follow the contracts of the real libraries, not
 what our code happens to call, and fail where the real ones fail. Each contract names its source:

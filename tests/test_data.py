@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+import sample
 import data
 from conftest import MNIST
 from data import SHIPPED_DIRS, DataError, load_dataset
@@ -369,7 +370,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 def test_number_words_only_for_digit_classes():
     digits, fashion = [str(i) for i in range(10)], data.CLASS_NAMES["fashion-mnist"]
-    assert data.parse_labels("7 seven 3, three", digits) == [7, 7, 3, 3]
-    assert data.parse_labels("trouser Bag 1", fashion) == [1, 8, 1]
+    assert sample.parse_labels("7 seven 3, three", digits) == [7, 7, 3, 3]
+    assert sample.parse_labels("trouser Bag 1", fashion) == [1, 8, 1]
     with pytest.raises(data.UserError, match="unknown label 'one'"):
-        data.parse_labels("one", fashion)                  # not "Trouser": the words are digits' names
+        sample.parse_labels("one", fashion)                  # not "Trouser": the words are digits' names

@@ -14,7 +14,7 @@ def test_linear_schedule_closed_form():
     b = linear_betas(1000)
     assert b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02)
     assert np.allclose(np.diff(b), (0.02 - 1e-4) / 999)
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     assert d.alphas_cumprod.dtype == torch.float64
     t = 500
     assert d.alphas_cumprod[t].item() == pytest.approx(np.prod(1 - b[:t + 1]), rel=1e-12)
@@ -29,7 +29,7 @@ def test_cosine_schedule_closed_form():
 
 
 def test_q_sample_statistics():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     torch.manual_seed(0)
     x0 = torch.full((20000, 1, 2, 2), 0.7)
     for t in (0, 300, 999):
@@ -41,7 +41,7 @@ def test_q_sample_statistics():
 
 
 def test_posterior_matches_brute_force_bayes():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     x0, xt = 0.3, -0.4
     for t in (1, 50, 700):
         b, a_prev = d.betas[t].item(), d.alphas_cumprod_prev[t].item()
@@ -78,7 +78,7 @@ def true_eps_model(d, x0):
 
 
 def test_ddim_eta0_is_deterministic_and_recovers_x0():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     x0 = torch.rand(1, 1, 4, 4).mul(1.8).sub(0.9).expand(3, 1, 4, 4)
     y = torch.zeros(3, dtype=torch.long)
     runs = [d.sample(true_eps_model(d, x0), (3, 1, 4, 4), y, sampler="ddim", steps=20,
@@ -89,7 +89,7 @@ def test_ddim_eta0_is_deterministic_and_recovers_x0():
 
 @pytest.mark.parametrize("sampler", ["ddpm", "dpm++2m"])
 def test_other_samplers_recover_x0_with_a_perfect_model(sampler):
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     x0 = torch.rand(2, 1, 4, 4) * 1.8 - 0.9
     out = d.sample(true_eps_model(d, x0), (2, 1, 4, 4), torch.zeros(2, dtype=torch.long), sampler=sampler,
                    steps=25, generator=torch.Generator().manual_seed(0))
@@ -97,7 +97,7 @@ def test_other_samplers_recover_x0_with_a_perfect_model(sampler):
 
 
 def test_respaced_ddpm_with_all_steps_equals_plain_ddpm():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     assert space_timesteps(1000, 1000) == list(range(1000))
     assert np.allclose(d.respace(list(range(1000))).betas.numpy(), d.betas.numpy(), rtol=1e-9, atol=0)
     model = lambda x, t, y: 0.3 * x + 0.001 * t.float().view(-1, 1, 1, 1)   # any smooth "network"
@@ -171,7 +171,7 @@ def test_cfg_is_one_doubled_batch_and_guides_every_channel():
 
 
 def test_sampling_is_bit_identical_for_a_seed():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     model = lambda x, t, y: torch.cat([torch.tanh(x), torch.zeros_like(x)], 1)
     run = lambda: d.sample(model, (2, 1, 4, 4), torch.tensor([1, 2]), sampler="ddpm", steps=30,
                            cfg_scale=2.0, null_class=10, generator=torch.Generator().manual_seed(7))
@@ -187,7 +187,7 @@ def test_dynamic_threshold():
 
 
 def test_hybrid_loss_with_learned_sigma():
-    d = GaussianDiffusion(DiffusionConfig())
+    d = GaussianDiffusion(DiffusionConfig(prediction="eps"))
     model = DiT(DiTConfig(image_size=8, patch_size=2, hidden_size=16, depth=1, num_heads=2, learn_sigma=True))
     x0 = torch.rand(4, 1, 8, 8) * 2 - 1
     terms = d.training_loss(model, x0, torch.tensor([0, 1, 2, 3]), t=torch.tensor([0, 1, 500, 999]))
@@ -223,7 +223,7 @@ def test_tiny_model_overfits_a_handful_of_images(prediction, factor):
 
 def test_logit_normal_timesteps_favour_the_middle_and_stay_in_range():
     g = torch.Generator().manual_seed(0)
-    uniform = GaussianDiffusion(DiffusionConfig()).draw_timesteps(20000, g)
+    uniform = GaussianDiffusion(DiffusionConfig(prediction="eps")).draw_timesteps(20000, g)
     middle = GaussianDiffusion(DiffusionConfig(timesteps="logit-normal")).draw_timesteps(20000, g)
     for t in (uniform, middle):
         assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999

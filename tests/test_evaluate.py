@@ -10,7 +10,8 @@ import torch
 
 import evaluate
 import mnist_cnn
-from cli import UserError, config_dict, save_checkpoint
+from cli import UserError
+from checkpoint import config_dict, save_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
@@ -184,7 +185,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 def test_scored_digits_are_the_ones_sample_py_draws(tiny_ckpt, tmp_path, monkeypatch, capsys):
     """Default setting and seed of both: evaluate.py's first digits are sample.py's default grid, pixel for pixel."""
     from PIL import Image
-    from data import image_grid
+    from sample import image_grid
     npz, png = tmp_path / "e.npz", tmp_path / "s.png"
     run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "2", "--data-dir", DATA,
              "--save-npz", str(npz))

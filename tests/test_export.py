@@ -1,6 +1,6 @@
 """export.py on a tiny checkpoint: the ONNX files, their I/O, their agreement with PyTorch, the fp32
 islands of the fp16 graph, the sidecars, and the one-line errors. One export per test session
-(~20 s on 2 cores), shared with test_runtime.py through exported_tiny()."""
+(~20 s on 2 cores), shared with test_backends.py through exported_tiny()."""
 import contextlib
 import io
 import os
@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import export
-from cli import UserError, config_dict, file_sha256, load_checkpoint, run_cli, save_checkpoint
-from runtime import model_from_checkpoint
+from cli import UserError, run_cli
+from checkpoint import config_dict, file_sha256, load_checkpoint, save_checkpoint
+from checkpoint import model_from_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
@@ -134,7 +135,7 @@ def test_tolerance_check_fails_with_clear_message():
 
 
 def test_sidecars_record_source_and_checks(tiny):
-    from runtime import load_sidecar
+    from checkpoint import load_sidecar
     ckpt = load_checkpoint(tiny["ckpt"])
     for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
         path = os.path.join(tiny["dir"], name)
@@ -191,7 +192,8 @@ def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
 
 def test_fp16_graph_computed_in_fp16_matches_pytorch(tiny):
     """ONNX Runtime's CPU provider computes fp16 nodes in fp32; onnx.reference computes them in fp16."""
-    from runtime import TorchBackend, load_sidecar
+    from backends import TorchBackend
+    from checkpoint import load_sidecar
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
     path = os.path.join(tiny["dir"], "model_fp16.onnx")
     row = export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
@@ -206,7 +208,7 @@ def test_fp16_graph_computed_in_fp16_matches_pytorch(tiny):
 
 def test_fp16_arithmetic_catches_an_overflow(tmp_path):
     """Patch embeddings beyond 65504 are inf in fp16 (NaN after the LayerNorm): the check refuses the graph."""
-    from runtime import LowPrecision, TorchBackend
+    from backends import LowPrecision, TorchBackend
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     model, diffusion, _, _ = model_from_checkpoint(ckpt)
     with torch.no_grad():

@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import cli
 import train
 from conftest import MNIST
@@ -108,7 +109,7 @@ def test_amp_training_loss_falls(tmp_path, amp):
     train.main([*TINY, "--amp", amp, "--steps", "60", "--warmup", "10", "--log-every", "10", "--out", out])
     values = losses(out)
     assert len(values) == 6 and sum(values[-2:]) < 0.7 * sum(values[:2]), values
-    ckpt = cli.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -128,7 +129,7 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
     train.main([*args, "--steps", "8", "--out", whole])
     train.main([*args, "--steps", "4", "--out", halves])
     train.main([*args, "--steps", "8", "--out", halves, "--resume", "auto"])
-    a, b = (cli.load_checkpoint(os.path.join(o, "ckpt.pt")) for o in (whole, halves))
+    a, b = (checkpoint.load_checkpoint(os.path.join(o, "ckpt.pt")) for o in (whole, halves))
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
@@ -157,7 +158,8 @@ def test_cuda_graph_and_compiled_sampling_equal_eager(dtype):
 @needs_cuda
 def test_sampling_on_cuda_draws_the_cpu_digits(tmp_path):
     """Deterministic samplers from the same seed: CUDA and CPU images agree to a fraction of a grey level."""
-    from runtime import TorchBackend, draw_samples
+    from backends import TorchBackend
+    from sample import draw_samples
     model, d = random_dit(), GaussianDiffusion(DiffusionConfig(prediction="x0"))
     images = {}
     for device in ("cpu", "cuda"):

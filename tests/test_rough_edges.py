@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import recipe
 import cli
 import data
 import export
 import infer_trt
-import runtime
 import sample
 import ship_checkpoint
 import train
@@ -144,11 +145,11 @@ def test_bench_checks_json_and_that_onnx_is_the_checkpoints_before_measuring(tin
 def test_infer_trt_compare_finds_its_checkpoint_before_sampling(tiny, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "export"
     shutil.copytree(tiny["dir"], folder)
-    meta = runtime.load_sidecar(folder / "model.onnx")          # the checkpoint the sidecar names is gone:
+    meta = checkpoint.load_sidecar(folder / "model.onnx")          # the checkpoint the sidecar names is gone:
     meta["checkpoint"]["path"] = str(tmp_path / "gone" / "ckpt.pt")
-    runtime.write_sidecar(folder / "model.onnx", {k: v for k, v in meta.items() if k not in (
+    checkpoint.write_sidecar(folder / "model.onnx", {k: v for k, v in meta.items() if k not in (
         "format", "version", "artifact", "artifact_sha256", "sidecar_sha256")})
-    monkeypatch.setattr(infer_trt, "draw_samples", lambda *a, **k: pytest.fail("sampled before the check"))
+    monkeypatch.setattr(sample, "draw_samples", lambda *a, **k: pytest.fail("sampled before the check"))
     fails(capsys, monkeypatch, "infer_trt.py", ["--onnx", str(folder / "model.onnx"), "--compare", "--out",
                                                 str(tmp_path / "g.png")], "--compare needs the checkpoint")
 
@@ -157,17 +158,17 @@ def test_infer_trt_compare_finds_its_checkpoint_before_sampling(tiny, tmp_path, 
 
 def test_a_class_named_like_a_number_is_found_by_name():
     names = ["1", "3", "7"]
-    assert data.parse_labels("1 7 3", names) == [0, 2, 1]
-    assert data.parse_labels("2", names) == [2]                       # not a name: then an index
+    assert sample.parse_labels("1 7 3", names) == [0, 2, 1]
+    assert sample.parse_labels("2", names) == [2]                       # not a name: then an index
     with pytest.raises(cli.UserError, match="out of range"):
-        data.parse_labels("9", names)
+        sample.parse_labels("9", names)
 
 
 def test_two_word_class_names_are_typed_with_underscores():
     names = ["T-shirt/top", "Ankle boot"]
-    assert data.parse_labels("ankle_boot t-shirt/top", names) == [1, 0]
+    assert sample.parse_labels("ankle_boot t-shirt/top", names) == [1, 0]
     with pytest.raises(cli.UserError, match="'ankle_boot'"):
-        data.parse_labels("boot", names)
+        sample.parse_labels("boot", names)
 
 
 def test_an_empty_class_folder_is_refused(tmp_path):
@@ -287,8 +288,8 @@ def test_training_grids_have_one_row_per_class(tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "export.py", "infer_trt.py"])
 def test_help_names_each_default_once(script, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
-    parse = {"train.py": train.parse_args, "sample.py": sample.parse_args, "export.py": export.parse_args,
-             "infer_trt.py": infer_trt.parse_args}[script]
+    parse = {"train.py": recipe.parse_train_args, "sample.py": recipe.parse_sample_args, "export.py": recipe.parse_export_args,
+             "infer_trt.py": recipe.parse_infer_args}[script]
     with pytest.raises(SystemExit):
         parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -308,8 +309,8 @@ def test_compare_on_an_untrained_model_warns_that_it_shows_nothing(tmp_path, cap
     from diffusion import DiffusionConfig
     config = DiTConfig(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2)
     ckpt = str(tmp_path / "fresh.pt")                      # adaLN-Zero: a new DiT outputs exactly 0
-    cli.save_checkpoint(ckpt, {"model_config": cli.config_dict(config), "model": DiT(config).state_dict(),
-                               "diffusion_config": cli.config_dict(DiffusionConfig(prediction="x0")), "step": 0})
+    checkpoint.save_checkpoint(ckpt, {"model_config": checkpoint.config_dict(config), "model": DiT(config).state_dict(),
+                               "diffusion_config": checkpoint.config_dict(DiffusionConfig(prediction="x0")), "step": 0})
     infer_trt.main(["--ckpt", ckpt, "--backend", "torch", "--compare", "--num-samples", "2",
                     "--out", str(tmp_path / "g.png")])
     out, err = capsys.readouterr()

@@ -6,12 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import cli
 import sample
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
-CELL = 32 + 2          # image size + grid padding (cli.image_grid)
+CELL = 32 + 2          # image size + grid padding (sample.image_grid)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # conftest.py
@@ -27,9 +28,9 @@ def ckpt(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    cli.save_checkpoint(path, {
-        "model_config": cli.config_dict(config),
-        "diffusion_config": cli.config_dict(DiffusionConfig(prediction="x0")),
+    checkpoint.save_checkpoint(path, {
+        "model_config": checkpoint.config_dict(config),
+        "diffusion_config": checkpoint.config_dict(DiffusionConfig(prediction="x0")),
         "model": model.state_dict(), "ema": model.state_dict(), "step": 7,
         "class_names": [str(i) for i in range(10)], "dataset": "mnist"})
     return str(path)

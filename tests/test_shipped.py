@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import cli
 import export
 import infer_trt
-import runtime
 import plot_curve
 import sample
 import ship_checkpoint
@@ -35,8 +35,8 @@ def run(main, argv):
 
 
 def test_the_shipped_model_is_sampling_only_and_carries_its_record():
-    assert cli.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
-    ckpt = cli.load_checkpoint(SHIPPED)                      # checksummed
+    assert checkpoint.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
+    ckpt = checkpoint.load_checkpoint(SHIPPED)                      # checksummed
     assert ckpt["sampling_only"] and "optimizer" not in ckpt and "ema" not in ckpt
     assert ckpt["class_names"] == [str(d) for d in range(10)] and ckpt["dataset"] == "mnist"
     record = ckpt["training"]
@@ -94,12 +94,12 @@ def test_ship_checkpoint_keeps_the_ema_weights_the_record_and_the_scores(tmp_pat
     shipped = str(tmp_path / "ship.pt")
     run(ship_checkpoint.main, [os.path.join(run_dir, "ckpt.pt"), "--out", shipped, "--scores", str(score),
                                "--command", "python train.py --steps 3", "--commit", "abc1234", "--machine", "m"])
-    full, small = cli.load_checkpoint(os.path.join(run_dir, "ckpt.pt")), cli.load_checkpoint(shipped)
+    full, small = checkpoint.load_checkpoint(os.path.join(run_dir, "ckpt.pt")), checkpoint.load_checkpoint(shipped)
     assert all(torch.equal(full["ema"][k], small["model"][k]) for k in full["ema"])
     assert small["training"]["images_seen"] == 3 * 16 and small["training"]["commit"] == "abc1234"
     assert small["scores"] == [{"sampler": "ddim", "steps": 50, "cfg_scale": 1.0, "n": 20, "accuracy": 0.5,
                                 "fd": 30.0, "floor": 5.0}]
-    model, _, names, _ = runtime.model_from_checkpoint(shipped)
+    model, _, names, _ = checkpoint.model_from_checkpoint(shipped)
     assert names == [str(d) for d in range(10)] and not model.training
 
 

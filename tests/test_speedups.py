@@ -31,7 +31,7 @@ def tiny_model(seed=0, config=TINY):
 
 def inputs(n=3, config=TINY, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, config.in_channels, config.image_size, config.image_size, generator=g),
+    return (torch.randn(n, *config.image_shape, generator=g),
             torch.randint(0, 1000, (n,), generator=g), torch.randint(0, config.num_classes + 1, (n,), generator=g))
 
 

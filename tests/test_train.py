@@ -11,8 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
+import recipe
 import cli
-import runtime
 import diffusion
 import train
 
@@ -45,7 +46,7 @@ def test_checkpoint_log_grid_and_resume(tmp_path):
     args = [*TINY, "--log-every", "2", "--sample-every", "4", "--ckpt-every", "4", "--out", out]
     train.main([*args, "--steps", "6"])
     ckpt = load(out)
-    assert ckpt["format"] == cli.CHECKPOINT_FORMAT and ckpt["step"] == 6
+    assert ckpt["format"] == checkpoint.CHECKPOINT_FORMAT and ckpt["step"] == 6
     assert ckpt["model_config"]["hidden_size"] == 32 and ckpt["model_config"]["num_classes"] == 10
     assert ckpt["diffusion_config"]["prediction"] == "x0"
     assert ckpt["class_names"] == [str(i) for i in range(10)] and ckpt["dataset"] == "mnist"
@@ -61,7 +62,7 @@ def test_checkpoint_log_grid_and_resume(tmp_path):
     assert grids == ["step_0000004.png", "step_0000006.png"]
     assert Image.open(os.path.join(out, "samples", grids[-1])).size == (8 * 34 + 2, 10 * 34 + 2)   # a row per class
     # the checkpoint is what sample.py and friends read
-    model, _, names, _ = runtime.model_from_checkpoint(os.path.join(out, "ckpt.pt"))
+    model, _, names, _ = checkpoint.model_from_checkpoint(os.path.join(out, "ckpt.pt"))
     assert model.config.hidden_size == 32 and names[3] == "3"
 
     train.main([*args, "--steps", "10", "--resume", "auto"])
@@ -131,7 +132,7 @@ def test_bad_flags_are_user_errors(tmp_path, extra, message):
 ])
 def test_impossible_numbers_are_refused_by_the_parser(capsys, extra, message):
     with pytest.raises(SystemExit) as e:
-        train.parse_args(extra)
+        recipe.parse_train_args(extra)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(f": error: {message}\n"), err
 
@@ -151,9 +152,9 @@ def test_unwritable_out_corrupt_and_mismatched_resume(tmp_path):
 
 
 def test_batch_must_split_over_ranks(tmp_path):
-    args = train.parse_args([*TINY, "--steps", "2", "--out", str(tmp_path / "run")])
+    args = recipe.parse_train_args([*TINY, "--steps", "2", "--out", str(tmp_path / "run")])
     with pytest.raises(cli.UserError, match="not divisible by the 3 DDP processes"):
-        train.configure(args, world=3, device=torch.device("cpu"), say=print)
+        args = train.configure(args, world=3, device=torch.device("cpu"), say=print)
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):
@@ -164,27 +165,28 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
 
 
 def test_lesson_recipe_sets_the_lesson_flags():
-    args = train.parse_args(["--lesson-recipe"])
+    args = recipe.parse_train_args(["--lesson-recipe"])
     assert (args.model, args.prediction, args.lr, args.warmup, args.label_dropout) == ("DiT-S/8", "eps", 2e-4, 0, 0.2)
     assert (args.timesteps, args.batch_size) == ("uniform", 128)
-    assert train.parse_args(["--lesson-recipe", "--lr", "1e-4"]).lr == 1e-4    # explicit flags still win
-    assert train.parse_args([]).model is None and train.parse_args([]).prediction == "x0"
+    assert recipe.parse_train_args(["--lesson-recipe", "--lr", "1e-4"]).lr == 1e-4    # explicit flags still win
+    assert recipe.parse_train_args([]).model is None and recipe.parse_train_args([]).prediction == "x0"
 
 
 def test_learning_rate_warms_up_then_stays_constant():
-    args = train.parse_args(["--lr", "1e-3", "--warmup", "100"])
-    assert train.learning_rate(args, 0) == pytest.approx(1e-5) and train.learning_rate(args, 49) == pytest.approx(5e-4)
-    assert train.learning_rate(args, 99) == train.learning_rate(args, 29_999) == 1e-3
-    assert train.learning_rate(train.parse_args(["--warmup", "0"]), 0) == 1e-3
+    args = recipe.parse_train_args(["--lr", "1e-3", "--warmup", "100"])
+    assert train.learning_rate(0, args.lr, args.warmup) == pytest.approx(1e-5) and train.learning_rate(49, args.lr, args.warmup) == pytest.approx(5e-4)
+    assert train.learning_rate(99, args.lr, args.warmup) == train.learning_rate(29_999, args.lr, args.warmup) == 1e-3
+    args = recipe.parse_train_args(["--warmup", "0"])
+    assert train.learning_rate(0, args.lr, args.warmup) == 1e-3
 
 
 def test_a_cpu_run_without_a_budget_trains_for_30_minutes(capsys):
-    args = train.parse_args(["--device", "cpu"])
-    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    args = recipe.parse_train_args(["--device", "cpu"])
+    args = train.configure(args, world=1, device=torch.device("cpu"), say=print)
     assert (args.model, args.batch_size, args.max_minutes, args.steps) == ("DiT-T/4", 32, 30, 30_000)
     assert "no CUDA GPU: training the CPU model DiT-T/4 at batch 32 for 30 minutes" in capsys.readouterr().out
-    args = train.parse_args(["--steps", "500"])                        # a budget given: nothing added
-    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    args = recipe.parse_train_args(["--steps", "500"])                        # a budget given: nothing added
+    args = train.configure(args, world=1, device=torch.device("cpu"), say=print)
     assert (args.steps, args.max_minutes) == (500, None)
 
 
@@ -229,18 +231,18 @@ def test_resume_refuses_a_damaged_checkpoint_and_survives_a_garbage_log_row(tmp_
     (["--device", "cpu"], "on"), (["--steps", "5000"], "on"), (["--steps", "10", "--compile"], "on"),
     (["--steps", "500"], "off"), (["--max-minutes", "2"], "off"), (["--compile", "off"], "off")])
 def test_compile_is_on_for_cpu_runs_long_enough_to_pay_back(argv, compiled):
-    args = train.parse_args(argv)
-    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    args = recipe.parse_train_args(argv)
+    args = train.configure(args, world=1, device=torch.device("cpu"), say=print)
     assert args.compile == compiled
 
 
 def test_without_a_cpp_compiler_auto_trains_eager_and_on_is_refused(monkeypatch, capsys):
     monkeypatch.setattr(train, "cpp_compiler", lambda: None)
-    args = train.parse_args(["--device", "cpu"])
-    train.configure(args, world=1, device=torch.device("cpu"), say=print)
+    args = recipe.parse_train_args(["--device", "cpu"])
+    args = train.configure(args, world=1, device=torch.device("cpu"), say=print)
     assert args.compile == "off" and "no C++ compiler found for torch.compile" in capsys.readouterr().out
     with pytest.raises(cli.UserError, match="--compile needs a C\\+\\+ compiler"):
-        train.configure(train.parse_args(["--compile"]), world=1, device=torch.device("cpu"), say=print)
+        train.configure(recipe.parse_train_args(["--compile"]), world=1, device=torch.device("cpu"), say=print)
 
 
 def test_snapshots_keep_the_checkpoint_at_each_minute_mark(tmp_path, capsys):
@@ -248,8 +250,8 @@ def test_snapshots_keep_the_checkpoint_at_each_minute_mark(tmp_path, capsys):
     train.main([*TINY, "--steps", "3", "--snapshot-minutes", "0.00001,0.00002", "--out", out])
     snaps = sorted(f for f in os.listdir(out) if f.startswith("ckpt_"))
     assert snaps == ["ckpt_1e-05min.pt", "ckpt_2e-05min.pt"]
-    steps = [cli.load_checkpoint(os.path.join(out, f))["step"] for f in snaps]
+    steps = [checkpoint.load_checkpoint(os.path.join(out, f))["step"] for f in snaps]
     assert steps == [1, 2] and load(out)["step"] == 3     # one snapshot per step once its minute has passed
     with pytest.raises(SystemExit):
-        train.parse_args(["--snapshot-minutes", "30,10"])
+        recipe.parse_train_args(["--snapshot-minutes", "30,10"])
     assert "give increasing minutes" in capsys.readouterr().err

@@ -25,64 +25,26 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, Progress, UserError,  # noqa: E402
-                 atomic_write, check_writable, checkpoint_or_shipped, config_dict, nonnegative_float, nonnegative_int,
-                 number_list, pick_device, positive_float, positive_int, refuse_overwrite, run_cli)
+if __package__ in (None, ""):          # run as a script: the repository's modules, one folder up, and ours
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
-
-def parse_args(argv):
-    p = ArgumentParser(description="Benchmark the DiT's backends against eager fp32 PyTorch.")
-    a = p.add_argument
-    a("--preset", default=None, help="a preset of dit.py, e.g. DiT-S/4 (default DiT-T/4 on CPU, DiT-S/4 on GPU)")
-    a("--ckpt", default=None, help="time these trained weights (default: the shipped model; with --preset or "
-      "--quick: random weights)")
-    a("--device", default=None, help="cpu, cuda, cuda:N (default: cuda if available)")
-    a("--threads", type=positive_int, default=None, help="CPU threads (default: torch's, one per core)")
-    a("--batch-sizes", type=number_list(positive_int), default=None,
-      help="network batch sizes to time (default 8,64 on CPU, 8,64,256 on GPU)")
-    a("--backends", default=None, help="comma-separated sampling rows (default: all for the device; eager always)")
-    a("--train-backends", default=None, help="comma-separated training rows, or none (default: all)")
-    a("--repeats", type=positive_int, default=None, help="interleaved repeats of evaluation and training timings (default 5)")
-    a("--sample-repeats", type=positive_int, default=None, help="interleaved repeats of the digit sampling (default 3)")
-    a("--warmup", type=nonnegative_int, default=None, help="untimed calls per row before timing (default 2)")
-    a("--target-seconds", type=positive_float, default=None, help="length of one timed run of evaluations (default 0.3)")
-    a("--digits", type=positive_int, default=None, help="digits to sample (default 64)")
-    a("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS, help="sampler of the digit timings (sample.py's default)")
-    a("--steps", type=positive_int, default=None, help=f"sampler steps (default {DEFAULT_STEPS})")
-    a("--cfg-scale", type=nonnegative_float, default=DEFAULT_CFG, help="guidance scale of the digit timings (sample.py's default)")
-    a("--ddpm", default="estimate", choices=("estimate", "measure", "off"),
-      help="DDPM-1000: per-step time x 1000 (estimate), or one real run per row in --ddpm-backends (measure)")
-    a("--ddpm-backends", default="eager", help="rows whose DDPM-1000 is measured with --ddpm measure")
-    a("--train-batch", type=positive_int, default=None, help="training batch (default 128)")
-    a("--onnx", default=None, help="fp32 ONNX of the same weights for the ort row (default: export one)")
-    a("--trt-engine", default=None, help="TensorRT engine from export.py (same --ckpt) for the trt row")
-    a("--json", default=None, help="also write the results here as JSON")
-    a("--quick", action="store_true", help="a tiny model, one batch size, few repeats: seconds, for tests")
-    args = p.parse_args(argv)
-    defaults = dict(repeats=5, sample_repeats=3, warmup=2, target_seconds=0.3, digits=64, steps=DEFAULT_STEPS,
-                    train_batch=128)
-    if args.quick:
-        defaults.update(repeats=2, sample_repeats=1, warmup=1, target_seconds=0.01, digits=8, steps=4, train_batch=8,
-                        batch_sizes=[4])
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    return args
-
-
+from tool_flags import parse_bench_args
+from cli import run_cli
 
 if __name__ == "__main__":
-    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+    run_cli(lambda: parse_bench_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
 
-import torch  # noqa: E402  (imported after the flags on purpose)
+import torch
 
-import speedups  # noqa: E402
-from diffusion import DiffusionConfig, GaussianDiffusion  # noqa: E402
-from dit import DiT, DiTConfig, PRESETS, count_parameters  # noqa: E402
-from export import export_onnx  # noqa: E402
-from runtime import OrtBackend, TrtBackend, check_sidecar, load_sidecar, model_from_checkpoint  # noqa: E402
-import train  # noqa: E402
+import speedups
+import train
+from backends import OrtBackend, TrtBackend
+from checkpoint import check_sidecar, checkpoint_or_shipped, config_dict, load_sidecar, model_from_checkpoint
+from cli import Progress, UserError, pick_device
+from diffusion import DiffusionConfig, GaussianDiffusion
+from dit import DiT, DiTConfig, PRESETS, count_parameters
+from export import export_onnx
+from guard import atomic_write, check_writable, refuse_overwrite
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
@@ -112,7 +74,8 @@ def sampling_backends(device, low, onnx_path, trt_engine, ckpt):
         rows[f"cudagraph-{lp}"] = (lambda m: speedups.cuda_graph_fn(m, low), lp)
         rows[f"compile-{lp}-graphs"] = (lambda m: speedups.compiled_fn(m, low, mode="reduce-overhead"), lp)
         if trt_engine:
-            rows["trt-fp16-graphs"] = (lambda m: TrtBackend(trt_engine, cuda_graph=True, ckpt_path=ckpt), "fp16")
+            rows["trt-fp16-graphs"] = (lambda m: TrtBackend(trt_engine, cuda_graph=True, ckpt_path=ckpt),
+                                       "fp16")
     return rows
 
 
@@ -123,13 +86,15 @@ def training_backends(device, low):
     rows = {"eager": (lambda m: (m, adamw(m)), "fp32", False),
             "compile": (lambda m: (speedups.training_fn(m), adamw(m)), "fp32", False)}
     if lp:
-        rows[f"amp-{lp}"] = (lambda m: (speedups.training_fn(m, compile=False, amp_dtype=low), adamw(m)), lp, True)
+        rows[f"amp-{lp}"] = (lambda m: (speedups.training_fn(m, compile=False, amp_dtype=low), adamw(m)),
+                             lp, True)
         rows[f"compile+amp-{lp}"] = (lambda m: (speedups.training_fn(m, amp_dtype=low), adamw(m)), lp, True)
     return rows
 
 
 def ort_fn(path):
-    """runtime.OrtBackend on the CPU with speedups.ort_session_options (threads and spinning as the torch rows)."""
+    """backends.OrtBackend on the CPU with speedups.ort_session_options (threads and spinning as the torch
+    rows)."""
     return OrtBackend(path, providers=["CPUExecutionProvider"], meta={"source": "bench.py export"},
                       session_options=speedups.ort_session_options())
 
@@ -137,7 +102,7 @@ def ort_fn(path):
 def export_fp32_onnx(model, folder):
     """fp32 ONNX of the model with a dynamic batch, as export.py writes model.onnx (opset 20)."""
     path, c = os.path.join(folder, "bench.onnx"), model.config
-    example = (torch.randn(2, c.in_channels, c.image_size, c.image_size), torch.zeros(2, dtype=torch.long),
+    example = (torch.randn(2, *c.image_shape), torch.zeros(2, dtype=torch.long),
                torch.zeros(2, dtype=torch.long))
     with contextlib.redirect_stdout(None):
         export_onnx(model.eval(), path, example, opset=20)
@@ -149,10 +114,11 @@ def export_fp32_onnx(model, folder):
 # ----------------------------------------------------------------------------------------------
 
 def bench_evaluations(fns, model, batch_sizes, args, device, sync):
-    """One network evaluation per backend and batch size: evaluations/s, ratio, agreement with the baseline."""
+    """One network evaluation per backend and batch size: evaluations/s, ratio, agreement with the
+    baseline."""
     rows, c, gen = [], model.config, torch.Generator().manual_seed(0)
     for n in batch_sizes:
-        x = torch.randn(n, c.in_channels, c.image_size, c.image_size, generator=gen).to(device)
+        x = torch.randn(n, *c.image_shape, generator=gen).to(device)
         t = torch.randint(0, 1000, (n,), generator=gen).to(device)
         y = torch.randint(0, c.num_classes, (n,), generator=gen).to(device)
         outs, setup = {}, {}
@@ -166,8 +132,8 @@ def bench_evaluations(fns, model, batch_sizes, args, device, sync):
                 fn(x, t, y)
         one = min(speedups.interleaved({"eager": lambda: fns["eager"](x, t, y)}, 3, sync)["eager"])
         iters = max(1, min(200, round(args.target_seconds / one)))
-        times = speedups.interleaved({name: (lambda fn=fn: [fn(x, t, y) for _ in range(iters)]) for name, fn in fns.items()},
-                            args.repeats, sync)
+        times = speedups.interleaved({name: (lambda fn=fn: [fn(x, t, y) for _ in range(iters)])
+                                      for name, fn in fns.items()}, args.repeats, sync)
         for name in fns:
             s = speedups.spread(times[name], 1000 / iters)
             rows.append({"backend": name, "batch": n, "ms_per_eval": s, "evals_per_s": 1000 / s["median"],
@@ -178,25 +144,27 @@ def bench_evaluations(fns, model, batch_sizes, args, device, sync):
 
 def sample_digits(fn, diffusion, config, args, device, sampler, steps):
     """args.digits images (labels 0, 1, 2, ...) from fixed noise: the same start for every backend."""
-    shape = (args.digits, config.in_channels, config.image_size, config.image_size)
+    shape = (args.digits, *config.image_shape)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     y = torch.arange(args.digits) % config.num_classes
     return diffusion.sample(fn, shape, y, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
-                            null_class=config.null_class, noise=noise, generator=torch.Generator().manual_seed(1),
-                            device=device)
+                            null_class=config.null_class, noise=noise,
+                            generator=torch.Generator().manual_seed(1), device=device)
 
 
 def bench_sampling(fns, model, diffusion, args, device, sync):
-    """args.digits digits with the default sampler (interleaved repeats) and DDPM-1000 (measured once or estimated)."""
+    """args.digits digits with the default sampler (interleaved repeats) and DDPM-1000 (measured once or
+    estimated)."""
     images = {}
-    run = lambda name: images.__setitem__(name, sample_digits(fns[name], diffusion, model.config, args, device,
-                                                              args.sampler, args.steps))
-    times = speedups.interleaved({name: (lambda name=name: run(name)) for name in fns}, args.sample_repeats, sync)
+    run = lambda name: images.__setitem__(name, sample_digits(fns[name], diffusion, model.config, args,
+                                                              device, args.sampler, args.steps))
+    times = speedups.interleaved({name: (lambda name=name: run(name)) for name in fns},
+                                 args.sample_repeats, sync)
     rows = []
     for name in fns:
         levels = (images[name] - images["eager"]).abs() * 127.5          # [-1, 1] -> 0..255 grey levels
-        rows.append({"backend": name, "seconds": speedups.spread(times[name]), "max_diff_levels": levels.max().item(),
-                     "mean_diff_levels": levels.mean().item(),
+        rows.append({"backend": name, "seconds": speedups.spread(times[name]),
+                     "max_diff_levels": levels.max().item(), "mean_diff_levels": levels.mean().item(),
                      "same_digits": levels.mean().item() <= SAME_DIGITS_MEAN_LEVELS
                      and levels.max().item() <= SAME_DIGITS_MAX_LEVELS})
     measure = [b for b in args.ddpm_backends.split(",") if b in fns] if args.ddpm == "measure" else []
@@ -204,7 +172,8 @@ def bench_sampling(fns, model, diffusion, args, device, sync):
         if row["backend"] in measure:
             sync()
             start = time.perf_counter()
-            sample_digits(fns[row["backend"]], diffusion, model.config, args, device, "ddpm", diffusion.num_timesteps)
+            sample_digits(fns[row["backend"]], diffusion, model.config, args, device, "ddpm",
+                          diffusion.num_timesteps)
             sync()
             row["ddpm_seconds"], row["ddpm_how"] = time.perf_counter() - start, "measured once"
         elif args.ddpm != "off":
@@ -216,7 +185,7 @@ def bench_sampling(fns, model, diffusion, args, device, sync):
 def bench_training(makers, model, diffusion, args, device, sync):
     """One AdamW step (loss, backward, clip, update) at args.train_batch on random images, per backend."""
     c, n = model.config, args.train_batch
-    x0 = (torch.rand(n, c.in_channels, c.image_size, c.image_size) * 2 - 1).to(device)
+    x0 = (torch.rand(n, *c.image_shape) * 2 - 1).to(device)
     y = torch.randint(0, c.num_classes, (n,)).to(device)
     steps, rows = {}, []
     for name, (make, _, _) in makers.items():
@@ -232,7 +201,8 @@ def bench_training(makers, model, diffusion, args, device, sync):
         sync()
         first = time.perf_counter() - start
         resident = sum(p.numel() * p.element_size() for p in net.parameters()) + sum(
-            v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+            v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+            if torch.is_tensor(v))
         with speedups.PeakMemory(device) as mem:
             step()
         steps[name] = step
@@ -253,7 +223,7 @@ def largest_batch(make, model, diffusion, device, limit=1 << 15):
     c, fits, n = model.config, None, 128
     while n <= limit:
         try:
-            x0 = torch.zeros(n, c.in_channels, c.image_size, c.image_size, device=device)
+            x0 = torch.zeros(n, *c.image_shape, device=device)
             y = torch.zeros(n, dtype=torch.long, device=device)
             opt.zero_grad(set_to_none=True)
             diffusion.training_loss(fn, x0, y)["loss"].backward()
@@ -283,14 +253,15 @@ def table(header, rows):
 
 
 def training_summary(rows, model_name, device, batch):
-    """The lesson's training length at the median step time: eager, and the fastest fp32 row if it is another."""
+    """The lesson's training length at the median step time: eager, and the fastest fp32 row if it is
+    another."""
     base = rows[0]
     best = max((row for row in rows if not row["changes_numerics"]), key=lambda row: row["images_per_s"])
     hours = lambda row: LESSON_STEPS * row["seconds_per_step"]["median"] / 3600      # noqa: E731
     fastest = "" if best is base else f", {best['backend']} {hours(best):.2f} h"
-    return (f"{LESSON_STEPS} steps at batch {batch} (the lesson's training length) for {model_name} on this {device}, "
-            f"from the median step time: eager {hours(base):.2f} h{fastest} (data loading, EMA and sample grids not "
-            f"included).")
+    return (f"{LESSON_STEPS} steps at batch {batch} (the lesson's training length) for {model_name} "
+            f"on this {device}, from the median step time: eager {hours(base):.2f} h{fastest} "
+            f"(data loading, EMA and sample grids not included).")
 
 
 def report(r):
@@ -298,52 +269,64 @@ def report(r):
     m, mo, a, peaks = r["machine"], r["model"], r["args"], r["peak_flops"]
     per_digit = a["steps"] * (2 if a["cfg_scale"] != 1 else 1)
     lines = [f"# bench.py: {mo['name']} on {r['device']}", "", f"- command: `{r['command']}`",
-             f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU bf16 units: "
-             f"{', '.join(m['cpu_bf16']) if isinstance(m['cpu_bf16'], list) else m['cpu_bf16']}, GPU: {m['gpu'] or 'none'}; "
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, CPU bf16 "
+             f"units: {', '.join(m['cpu_bf16']) if isinstance(m['cpu_bf16'], list) else m['cpu_bf16']}, "
+             f"GPU: {m['gpu'] or 'none'}; "
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
-             + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}; 1-min load average {m['load_average_start']:.1f} at "
-             f"start, {m['load_average_end']:.1f} at end (above the core count: other processes shared the cores)",
+             + f"; OMP_WAIT_POLICY={m['omp_wait_policy']}; 1-min load average {m['load_average_start']:.1f} "
+             f"at start, {m['load_average_end']:.1f} at end "
+             f"(above the core count: other processes shared the cores)",
              f"- model: {mo['name']}, {mo['parameters'] / 1e6:.2f} M parameters, weights: {mo['weights']}",
              f"- FLOPs per image and evaluation, counted (FlopCounterMode: matmuls, conv, attention): "
              f"{mo['flops_forward'] / 1e9:.4g} G forward, {mo['flops_train'] / 1e9:.4g} G forward+backward",
              "- peak, best of 5 square matmuls in this run: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
                                                                           for k, v in peaks.items())]
     if r["evaluations"]:
-        lines += ["", f"## One network evaluation: ms, median of {a['repeats']} interleaved repeats [min-max]"]
+        lines += ["", f"## One network evaluation: ms, median of {a['repeats']} interleaved repeats "
+                  f"[min-max]"]
         base = {row["batch"]: row["evals_per_s"] for row in r["evaluations"] if row["backend"] == "eager"}
         lines += table(["backend", "batch", "ms / evaluation", "evaluations/s", "x eager", "% of peak",
                         "first call s", "max abs diff vs eager"],
-                       [[row["backend"], row["batch"], fmt_spread(row["ms_per_eval"], 2), f"{row['evals_per_s']:.1f}",
-                         f"{row['evals_per_s'] / base[row['batch']]:.2f}", f"{row['peak_fraction'] * 100:.0f} %",
-                         f"{row['first_call_s']:.1f}", f"{row['max_abs_diff']:.1e}"] for row in r["evaluations"]])
+                       [[row["backend"], row["batch"], fmt_spread(row["ms_per_eval"], 2),
+                         f"{row['evals_per_s']:.1f}", f"{row['evals_per_s'] / base[row['batch']]:.2f}",
+                         f"{row['peak_fraction'] * 100:.0f} %", f"{row['first_call_s']:.1f}",
+                         f"{row['max_abs_diff']:.1e}"] for row in r["evaluations"]])
     if r["sampling"]:
         base = r["sampling"][0]
-        lines += ["", f"## {a['digits']} digits: seconds, median of {a['sample_repeats']} interleaved repeats "
-                  f"[min-max] (guidance doubles the network batch to {a['digits'] * per_digit // a['steps']})"]
+        lines += ["", f"## {a['digits']} digits: seconds, median of {a['sample_repeats']} interleaved "
+                  f"repeats [min-max] "
+                  f"(guidance doubles the network batch to {a['digits'] * per_digit // a['steps']})"]
         lines += table(["backend", f"{a['sampler']} {a['steps']} steps, cfg {a['cfg_scale']:g}", "x eager",
-                        f"DDPM-{r['num_timesteps']}", "x eager", "digits vs eager's: max / mean diff, grey levels",
-                        f"same digits (mean <= {SAME_DIGITS_MEAN_LEVELS:g}, max <= {SAME_DIGITS_MAX_LEVELS:g})"],
+                        f"DDPM-{r['num_timesteps']}", "x eager",
+                        "digits vs eager's: max / mean diff, grey levels",
+                        f"same digits (mean <= {SAME_DIGITS_MEAN_LEVELS:g}, "
+                        f"max <= {SAME_DIGITS_MAX_LEVELS:g})"],
                        [[row["backend"], fmt_spread(row["seconds"], 2),
                          f"{base['seconds']['median'] / row['seconds']['median']:.2f}",
                          f"{row['ddpm_seconds']:.1f} ({row['ddpm_how']})" if "ddpm_seconds" in row else "-",
-                         f"{base['ddpm_seconds'] / row['ddpm_seconds']:.2f}" if "ddpm_seconds" in row else "-",
+                         f"{base['ddpm_seconds'] / row['ddpm_seconds']:.2f}" if "ddpm_seconds" in row
+                             else "-",
                          f"{row['max_diff_levels']:.1f} / {row['mean_diff_levels']:.2f}",
                          "yes" if row["same_digits"] else "NO"] for row in r["sampling"]])
         lines += ["", f"Floor, counted FLOPs / measured peak: {a['sampler']} {a['steps']} steps "
                   + ", ".join(f"{v:.3g} s at {k}" for k, v in r["floor"]["sampling_s"].items())
-                  + f"; DDPM-{r['num_timesteps']} " + ", ".join(f"{v:.3g} s at {k}" for k, v in r["floor"]["ddpm_s"].items())
-                  + f". Network evaluations per digit: {per_digit} vs {per_digit // a['steps'] * r['num_timesteps']} "
+                  + f"; DDPM-{r['num_timesteps']} "
+                  + ", ".join(f"{v:.3g} s at {k}" for k, v in r["floor"]["ddpm_s"].items())
+                  + f". Network evaluations per digit: {per_digit} vs "
+                  f"{per_digit // a['steps'] * r['num_timesteps']} "
                   f"({r['num_timesteps'] / a['steps']:.0f}x fewer; equal quality is evaluate.py's to show)."]
     if r["training"]:
         base = r["training"][0]
-        lines += ["", f"## Training step at batch {a['train_batch']}: median of {a['repeats']} interleaved repeats "
-                  "[min-max]"]
-        lines += table(["backend", "images/s", "s / step", "x eager", "% of peak", "peak memory MiB", "largest batch",
-                        "same arithmetic as eager"],
+        lines += ["", f"## Training step at batch {a['train_batch']}: median of {a['repeats']} interleaved "
+                  "repeats [min-max]"]
+        lines += table(["backend", "images/s", "s / step", "x eager", "% of peak", "peak memory MiB",
+                        "largest batch", "same arithmetic as eager"],
                        [[row["backend"], f"{row['images_per_s']:.0f}", fmt_spread(row["seconds_per_step"], 3),
-                         f"{row['images_per_s'] / base['images_per_s']:.2f}", f"{row['peak_fraction'] * 100:.0f} %",
-                         f"{row['peak_memory_bytes'] / 2**20:.0f}", row["largest_batch"] or "-",
-                         "no (low precision)" if row["changes_numerics"] else "yes (fp32)"] for row in r["training"]])
+                         f"{row['images_per_s'] / base['images_per_s']:.2f}",
+                         f"{row['peak_fraction'] * 100:.0f} %", f"{row['peak_memory_bytes'] / 2**20:.0f}",
+                         row["largest_batch"] or "-",
+                         "no (low precision)" if row["changes_numerics"] else "yes (fp32)"]
+                        for row in r["training"]])
         lines += ["", training_summary(r["training"], mo["name"], r["device"], a["train_batch"])]
     lines += [""] + [f"- {note}" for note in r["notes"]]
     return "\n".join(lines)
@@ -360,7 +343,8 @@ def pick_rows(available, wanted, flag, default):
     names = [] if wanted == "none" else [w.strip() for w in wanted.split(",") if w.strip()]
     unknown = [w for w in names if w not in available]
     if unknown:
-        raise UserError(f"{flag}: unknown row {unknown[0]!r} on this device; choose from {', '.join(available)}")
+        raise UserError(f"{flag}: unknown row {unknown[0]!r} on this device; "
+                        f"choose from {', '.join(available)}")
     return ["eager"] + [w for w in names if w != "eager"] if names else []
 
 
@@ -379,7 +363,8 @@ def check_inputs_and_outputs(args):
 
 
 def load_model(args, device):
-    """(model, diffusion, weights description): trained weights, or random ones where no block is the identity."""
+    """(model, diffusion, weights description): trained weights, or random ones where no block is the
+    identity."""
     if args.ckpt is None and args.preset is None and not args.quick:
         args.ckpt = checkpoint_or_shipped(None)
     if args.ckpt:
@@ -399,18 +384,19 @@ def load_model(args, device):
     for p in model.parameters():
         if not p.detach().abs().sum():
             torch.nn.init.normal_(p, std=0.02)
-    return model.to(device).eval(), GaussianDiffusion(DiffusionConfig(prediction="x0")), "random"
+    return model.to(device).eval(), GaussianDiffusion(DiffusionConfig()), "random"
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_bench_args(argv)
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     model, diffusion, weights = load_model(args, device)
     check_inputs_and_outputs(args)
-    preset = "tiny (--quick)" if args.quick else next((k for k, v in PRESETS.items() if v == model.config), "custom")
+    preset = "tiny (--quick)" if args.quick else next((k for k, v in PRESETS.items() if v == model.config),
+                                                      "custom")
     batch_sizes = args.batch_sizes or ([8, 64, 256] if device.type == "cuda" else [8, 64])
     low = speedups.default_low_precision(device)
     notes, tmp = [], tempfile.TemporaryDirectory(prefix="bench-")
@@ -420,7 +406,8 @@ def main(argv=None):
             return args.onnx
         start = time.perf_counter()
         path = export_fp32_onnx(copy.deepcopy(m).cpu(), tmp.name)
-        notes.append(f"ort: fp32 ONNX exported in {time.perf_counter() - start:.1f} s (opset 20, dynamic batch)")
+        notes.append(f"ort: fp32 ONNX exported in {time.perf_counter() - start:.1f} s "
+                     f"(opset 20, dynamic batch)")
         return path
 
     available = sampling_backends(device, low, onnx_path, args.trt_engine, args.ckpt)
@@ -437,10 +424,11 @@ def main(argv=None):
     progress.update(0, " | peak FLOP/s and FLOP counts", force=True)
     info = speedups.machine_info(device)
     peak_n = 512 if args.quick else (8192 if device.type == "cuda" else 2048)
-    torch.backends.cuda.matmul.allow_tf32 = False           # the fp32 rows are fp32 (only the tf32 row sets it)
+    torch.backends.cuda.matmul.allow_tf32 = False         # the fp32 rows are fp32 (only the tf32 row sets it)
     peaks = {"fp32": speedups.measure_matmul_peak(device, torch.float32, n=peak_n)}
     if low is not None:
-        peaks[{torch.bfloat16: "bf16", torch.float16: "fp16"}[low]] = speedups.measure_matmul_peak(device, low, n=peak_n)
+        peaks[{torch.bfloat16: "bf16", torch.float16: "fp16"}[low]] = speedups.measure_matmul_peak(
+            device, low, n=peak_n)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         peaks["tf32"] = speedups.measure_matmul_peak(device, torch.float32, n=peak_n)
@@ -457,8 +445,9 @@ def main(argv=None):
     sampling = []
     if names:
         c, n_net = model.config, args.digits * (2 if args.cfg_scale != 1 else 1)
-        warm = (torch.randn(n_net, c.in_channels, c.image_size, c.image_size, device=device),
-                torch.zeros(n_net, dtype=torch.long, device=device), torch.zeros(n_net, dtype=torch.long, device=device))
+        warm = (torch.randn(n_net, *c.image_shape, device=device),
+                torch.zeros(n_net, dtype=torch.long, device=device),
+                torch.zeros(n_net, dtype=torch.long, device=device))
         for fn in fns.values():
             fn(*warm)                                    # compile / capture the sampling batch before timing
         sampling = bench_sampling(fns, model, diffusion, args, device, sync)

@@ -25,74 +25,28 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,  # noqa: E402
-                 atomic_write, check_writable, checkpoint_or_shipped, nonnegative_float, nonnegative_int,
-                 number_list, pick_device, positive_float, positive_int, refuse_overwrite, run_cli)
+if __package__ in (None, ""):          # run as a script: the repository's modules, one folder up, and ours
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
-CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")   # = mnist_cnn.CLASSIFIER_PATH
-KEPT_SAMPLES = os.path.join("runs", "evaluate-samples.npz")   # where drawn digits go when scoring them fails
-DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
-
-
-def parse_args(argv):
-    parser = ArgumentParser(description="Score generated MNIST digits: conditional accuracy and FD (MNIST-CNN).")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train-classifier", help="train the MNIST CNN that scores samples")
-    p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: the repository's mnist/)")
-    p.add_argument("--epochs", type=positive_int, default=5, help="passes over the 60,000 training digits")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="training batch")
-    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--max-shift", type=nonnegative_int, default=2, help="random shifts of +-N pixels (augmentation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
-    p.add_argument("--out", default=CLASSIFIER, help="where the weights go")
-    for name in ("score", "table"):
-        p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
-                           "grid of sampler settings x CFG scales as a markdown table")
-        src = p.add_mutually_exclusive_group() if name == "score" else p
-        src.add_argument("--ckpt", help="checkpoint written by train.py (None: the shipped model, "
-                         "checkpoints/dit-t4-mnist.pt)")
-        if name == "score":
-            src.add_argument("--npz", help="score saved digits: arrays 'images' (N,1,32,32) and 'labels' (N,)")
-            p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER, help="sample.py's default")
-            p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
-            p.add_argument("--cfg-scale", type=nonnegative_float, default=DEFAULT_CFG, help="classifier-free guidance scale")
-            p.add_argument("--per-class", type=positive_int, default=1000, help="samples per class (1000: headline)")
-            p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
-        else:
-            p.add_argument("--per-class", type=positive_int, default=100, help="samples per class unless a row says :N")
-            p.add_argument("--rows", default=DEFAULT_ROWS, help="SAMPLER-STEPS[:PER_CLASS],...")
-            p.add_argument("--cfg-scales", type=number_list(nonnegative_float), default="1.5,2,3,4",
-                           help="CFG scales tried besides 1")
-            p.add_argument("--sweep-at", default="ddim-25", help="setting at which CFG scales are compared")
-            p.add_argument("--margin-fd", type=nonnegative_float, default=0.10, help="relative FD/floor margin of the choice")
-            p.add_argument("--margin-acc", type=nonnegative_float, default=0.005, help="accuracy margin (0.005 = 0.5 points)")
-            p.add_argument("--out-md", help="also write the table here")
-            p.add_argument("--resume", action="store_true", help="reuse the results in --out-json of an "
-                           "interrupted run (same ckpt, backend, seed, batch size)")
-        p.add_argument("--out-json", help="also write the results here as JSON")
-        p.add_argument("--seed", type=int, default=0, help="seed of the starting noise")
-        p.add_argument("--batch-size", type=positive_int, default=500, help="images per network batch")
-        p.add_argument("--backend", choices=("torch", "ort"), default="torch", help="run the network on this")
-        p.add_argument("--onnx", help="ONNX file exported from --ckpt, for --backend ort")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (None: CUDA when available)")
-        p.add_argument("--data-dir", default=None, help="folder with the MNIST IDX files (None: the repository's mnist/)")
-        p.add_argument("--classifier", default=CLASSIFIER, help="the scoring classifier's weights")
-        p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
-    return parser.parse_args(argv)
-
-
+from tool_flags import parse_evaluate_args
+from cli import run_cli
 
 if __name__ == "__main__":
-    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads (seconds)
+    run_cli(lambda: parse_evaluate_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
 
-import numpy as np  # noqa: E402  (imported after the flags on purpose)
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from data import to_uint8  # noqa: E402
-from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier  # noqa: E402
-from runtime import TorchBackend, draw_samples, model_from_checkpoint, open_backend  # noqa: E402
-from speedups import machine_line  # noqa: E402
+from backends import TorchBackend, open_backend
+from checkpoint import checkpoint_or_shipped, model_from_checkpoint
+from cli import UserError, first_line, pick_device
+from data import to_uint8
+from guard import atomic_write, check_writable, refuse_overwrite
+from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier
+from sample import draw_samples
+from speedups import machine_line
+from recipe import SAMPLERS
+from tool_flags import KEPT_SAMPLES
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,9 +58,11 @@ def load_generator(args):
     device = pick_device(args.device)
     model, diffusion, _, ckpt = model_from_checkpoint(args.ckpt, device)
     cfg = model.config
-    if (cfg.in_channels, cfg.image_size, cfg.num_classes) != (1, 32, 10) or ckpt.get("dataset", "mnist") != "mnist":
+    if ((cfg.in_channels, cfg.image_size, cfg.num_classes) != (1, 32, 10)
+            or ckpt.get("dataset", "mnist") != "mnist"):
         raise UserError(f"{args.ckpt} is a {ckpt.get('dataset')} model ({cfg.in_channels}x{cfg.image_size}x"
-                        f"{cfg.image_size}, {cfg.num_classes} classes); the MNIST classifier scores MNIST models only")
+                        f"{cfg.image_size}, {cfg.num_classes} classes); "
+                        f"the MNIST classifier scores MNIST models only")
     if args.backend == "torch":
         return TorchBackend(model), diffusion, cfg, device
     if not args.onnx:       # ONNX Runtime: the exported network behind the same model_fn signature
@@ -126,20 +82,23 @@ def parse_setting(text):
 
 def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale, per_class, seed, batch_size,
                      data_dir=None, classifier_path=CLASSIFIER_PATH, keep=None):
-    """Draw per_class digits of each class with one sampler setting, time it, score it -> (result dict, images, labels)."""
-    # sample.py's labels (0, 1, ..., 9, 0, ...) and runtime.draw_samples (all starting noise drawn up front from
-    # one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
+    """Draw per_class digits of each class with one sampler setting, time it, score it ->
+    (result dict, images, labels)."""
+    # sample.py's labels (0, 1, ..., 9, 0, ...) and sample.draw_samples (all starting noise drawn up front
+    # from one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
     labels = torch.arange(10 * per_class) % 10
     n = min(batch_size, len(labels)) * (1 if cfg_scale == 1.0 else 2)
     model_fn(torch.zeros(n, 1, 32, 32, device=device), torch.zeros(n, dtype=torch.long, device=device),
-             torch.zeros(n, dtype=torch.long, device=device))   # warm-up: one-off setup stays out of the timing
+             torch.zeros(n, dtype=torch.long, device=device))   # warm-up: one-off setup
+                                                                # stays out of the timing
     start = time.perf_counter()
     images = draw_samples(model_fn, diffusion, cfg, labels.tolist(), torch.Generator().manual_seed(seed),
-                          sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size, device=device)
+                          sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size,
+                          device=device)
     seconds = time.perf_counter() - start
     images = to_uint8(images)                           # quantised to uint8 like a saved PNG
-    print(f"scoring {len(images)} digits: the classifier, FD against the test digits and the floor", file=sys.stderr,
-          flush=True)
+    print(f"scoring {len(images)} digits: the classifier, FD against the test digits and the floor",
+          file=sys.stderr, flush=True)
     try:
         result = score_images(images, labels, data_dir, classifier_path)
     except (UserError, KeyboardInterrupt) as e:      # minutes of sampling are not thrown away
@@ -149,7 +108,8 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
         if isinstance(e, KeyboardInterrupt):
             print(f"the {len(images)} samples are kept in {saved}", file=sys.stderr)
             raise
-        raise UserError(f"{e} (the {len(images)} samples are kept in {saved}: score them with --npz {saved})") from None
+        raise UserError(f"{e} (the {len(images)} samples are kept in {saved}: "
+                        f"score them with --npz {saved})") from None
     result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
                   batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
                   wall_s=seconds, wall_s_per_64=seconds / len(labels) * 64)
@@ -184,9 +144,8 @@ def load_npz(path):
         with np.load(path) as z:
             images, labels = z["images"], z["labels"]
     except Exception as e:                                # missing, empty, not a zip, no such array, ...
-        first = (str(e).splitlines() or [type(e).__name__])[0][:120]
-        raise UserError(f"cannot read {path} ({first}); pass an .npz with arrays 'images' (N, 1, 32, 32) and "
-                        f"'labels' (N,)") from None
+        raise UserError(f"cannot read {path} ({first_line(e)}); "
+                        f"pass an .npz with arrays 'images' (N, 1, 32, 32) and 'labels' (N,)") from None
     images = torch.from_numpy(images)
     if images.dim() == 3:
         images = images[:, None]                         # (N, H, W) -> (N, 1, H, W)
@@ -195,6 +154,22 @@ def load_npz(path):
     if images.is_floating_point():
         images = to_uint8(images)
     return images.contiguous(), torch.from_numpy(np.asarray(labels)).long()
+
+
+def read_score(path, required, flag=""):
+    """A score written by `evaluate.py score --out-json` that holds the keys `required`; else a one-line error
+    (flag: how the caller's command line names the file, e.g. "--scores ")."""
+    try:
+        with open(path) as f:
+            score = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}{path}: not a readable JSON file ({e}); pass evaluate.py score --out-json "
+                        f"files")
+    missing = [k for k in required if k not in score] if isinstance(score, dict) else list(required)
+    if missing:
+        raise UserError(f"{flag}{path} is not a score of a checkpoint (it lacks {', '.join(missing)}); pass "
+                        f"evaluate.py score --ckpt ... --out-json files")
+    return score
 
 
 def describe(r):
@@ -206,7 +181,8 @@ def describe(r):
     if "wall_s" in r:
         lines.insert(0, f"{r['sampler']}-{r['steps']}  CFG {r['cfg_scale']:g}  {r['n']} samples "
                         f"({r['per_class']} per class, seed {r['seed']})  NFE/image {r['nfe_per_image']}  "
-                        f"{r['wall_s']:.1f} s ({r['wall_s_per_64']:.2f} s per 64 digits, batch {r['batch_size']})")
+                        f"{r['wall_s']:.1f} s ({r['wall_s_per_64']:.2f} s per 64 digits, "
+                        f"batch {r['batch_size']})")
     return "\n".join(lines)
 
 
@@ -227,24 +203,25 @@ def pick_recommended(rows, margin_fd, margin_acc):
 
 
 def markdown_table(rows, recommended=None):
-    head = ("| sampler | CFG | samples (per class) | accuracy | worst class | FD (MNIST-CNN) | floor (same N) | "
-            "FD / floor | NFE / image | wall s / 64 digits |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| sampler | CFG | samples (per class) | accuracy | worst class | FD (MNIST-CNN) | "
+            "floor (same N) | FD / floor | NFE / image | wall s / 64 digits |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
     body = ""
     for r in rows:
         worst = min(a for a in r["per_class_accuracy"] if a is not None)
         mark = " **(chosen)**" if r is recommended else ""
         body += (f"| {r['sampler']}-{r['steps']}{mark} | {r['cfg_scale']:g} | {r['n']} ({r['per_class']}) | "
-                 f"{r['accuracy']:.1%} | {worst:.0%} | {r['fd']:.2f} | {r['floor']:.2f} | {r['fd'] / r['floor']:.2f} | "
-                 f"{r['nfe_per_image']} | {r['wall_s_per_64']:.2f} |\n")
+                 f"{r['accuracy']:.1%} | {worst:.0%} | {r['fd']:.2f} | {r['floor']:.2f} | "
+                 f"{r['fd'] / r['floor']:.2f} | {r['nfe_per_image']} | {r['wall_s_per_64']:.2f} |\n")
     return head + body
 
 
 def run_table(args):
     """CFG sweep at one setting, then every sampler setting at CFG 1 and at the best scale; print markdown."""
-    gen = load_generator(args)
+    model_fn, diffusion, config, device = load_generator(args)
     settings = [parse_setting(s) for s in args.rows.split(",")]
-    report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine_line(gen[3]), "backend": args.backend, "seed": args.seed,
-              "batch_size": args.batch_size, "sweep": [], "rows": []}
+    report = {"ckpt": os.path.abspath(args.ckpt), "machine": machine_line(device), "backend": args.backend,
+              "seed": args.seed, "batch_size": args.batch_size, "sweep": [], "rows": []}
     done = []   # with --resume: the results of an earlier, interrupted run of the same table, reused below
     if args.resume and args.out_json and os.path.isfile(args.out_json):
         with open(args.out_json) as f:
@@ -255,9 +232,11 @@ def run_table(args):
 
     def run(into, sampler, steps, scale, per_class):
         key = (sampler, steps, scale, per_class)
-        found = [r for r in done + report["sweep"] if (r["sampler"], r["steps"], r["cfg_scale"], r["per_class"]) == key]
-        r = found[0] if found else sample_and_score(*gen, sampler, steps, scale, per_class, args.seed,
-                                                  args.batch_size, args.data_dir, args.classifier)[0]
+        found = [r for r in done + report["sweep"]
+                 if (r["sampler"], r["steps"], r["cfg_scale"], r["per_class"]) == key]
+        r = found[0] if found else sample_and_score(model_fn, diffusion, config, device, sampler, steps,
+                                                    scale, per_class, args.seed, args.batch_size,
+                                                    args.data_dir, args.classifier)[0]
         report[into].append(r)
         print(describe(r), flush=True)
         if args.out_json:   # after every row, so an interrupted table keeps what it measured
@@ -277,14 +256,15 @@ def run_table(args):
             run("rows", sampler, steps, scale, per_class or args.per_class)
     chosen = pick_recommended(report["rows"], args.margin_fd, args.margin_acc)
     report["recommended"] = {k: chosen[k] for k in ("sampler", "steps", "cfg_scale")}
-    md = (f"Machine: {report['machine']}; backend {args.backend}, batch {args.batch_size}, seed {args.seed}.\n\n"
+    md = (f"Machine: {report['machine']}; backend {args.backend}, batch {args.batch_size}, "
+          f"seed {args.seed}.\n\n"
           f"CFG sweep at {args.sweep_at}:\n\n{markdown_table(report['sweep'])}\n"
           f"Sampler settings at CFG 1 and the best scale {best['cfg_scale']:g}:\n\n"
           f"{markdown_table(report['rows'], chosen)}\n"
-          f"Chosen: {chosen['sampler']}-{chosen['steps']}, CFG {chosen['cfg_scale']:g}, the fewest NFE/image among the "
-          f"{chosen['n']}-sample rows within {args.margin_fd:.0%} of the best FD/floor and {args.margin_acc:.1%} of "
-          f"that row's accuracy. Wall times are for this machine and its load at the time; NFE/image is the "
-          f"load-free cost.\n")
+          f"Chosen: {chosen['sampler']}-{chosen['steps']}, CFG {chosen['cfg_scale']:g}, the fewest NFE/image "
+          f"among the {chosen['n']}-sample rows within {args.margin_fd:.0%} of the best FD/floor and "
+          f"{args.margin_acc:.1%} of that row's accuracy. Wall times are for this machine and its load at "
+          f"the time; NFE/image is the load-free cost.\n")
     print("\n" + md)
     if args.out_md:
         atomic_write(args.out_md, lambda f: f.write(md), binary=False)
@@ -302,20 +282,21 @@ def run_score(args):
         result = score_images(images, labels, args.data_dir, args.classifier)
         print(f"{args.npz}: {result['n']} images")
     else:
-        gen = load_generator(args)
-        result, images, labels = sample_and_score(*gen, args.sampler, args.steps, args.cfg_scale, args.per_class,
-                                                  args.seed, args.batch_size, args.data_dir, args.classifier,
+        model_fn, diffusion, config, device = load_generator(args)
+        result, images, labels = sample_and_score(model_fn, diffusion, config, device, args.sampler,
+                                                  args.steps, args.cfg_scale, args.per_class, args.seed,
+                                                  args.batch_size, args.data_dir, args.classifier,
                                                   keep=args.save_npz or KEPT_SAMPLES)
         if args.save_npz:
             save_samples(args.save_npz, images, labels)
-        result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine_line(gen[3]))
+        result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine_line(device))
     print(describe(result))
     if args.out_json:
         atomic_write(args.out_json, lambda f: json.dump(result, f, indent=1), binary=False)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_evaluate_args(argv)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.command in ("score", "table"):

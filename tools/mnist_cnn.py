@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError, atomic_write
+from cli import UserError
+from guard import atomic_write
 from data import load_dataset, to_model_range
 
 CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")
@@ -26,7 +27,8 @@ CLASSIFIER_FORMAT = "mnist-cnn"
 # ----------------------------------------------------------------------------------------------
 
 class MnistCNN(nn.Module):
-    """LeNet-style CNN on 32x32 digits in [-1, 1]: three conv+pool stages, a 128-d feature layer, 10 logits."""
+    """LeNet-style CNN on 32x32 digits in [-1, 1]: three conv+pool stages, a 128-d feature layer,
+    10 logits."""
 
     def __init__(self, feature_dim=128, dropout=0.3):
         super().__init__()
@@ -55,7 +57,8 @@ def load_classifier(path=CLASSIFIER_PATH):
     if path in _classifier_cache:
         return _classifier_cache[path]
     if not os.path.isfile(path):
-        raise UserError(f"classifier weights {path} do not exist; run `python tools/evaluate.py train-classifier`")
+        raise UserError(f"classifier weights {path} do not exist; "
+                        f"run `python tools/evaluate.py train-classifier`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -65,7 +68,8 @@ def load_classifier(path=CLASSIFIER_PATH):
         raise UserError(f"{path} is not an MNIST classifier written by evaluate.py train-classifier")
     model = MnistCNN()
     model.load_state_dict({k: v.float() for k, v in blob["model"].items()})
-    _classifier_cache[path] = (model.eval().to(memory_format=torch.channels_last), blob)   # faster CPU convolutions
+    _classifier_cache[path] = (model.eval().to(memory_format=torch.channels_last), blob)   # faster CPU
+                                                                                           # convolutions
     return _classifier_cache[path]
 
 
@@ -74,14 +78,16 @@ def classify(model, images, batch_size=1000):
     """uint8 images (N, 1, 32, 32) -> (logits (N, 10), features (N, 128) float64)."""
     logits, feats = [], []
     for i in range(0, len(images), batch_size):
-        f = model.features(to_model_range(images[i:i + batch_size]).contiguous(memory_format=torch.channels_last))
+        f = model.features(to_model_range(images[i:i + batch_size]).contiguous(
+            memory_format=torch.channels_last))
         logits.append(model.head(f))
         feats.append(f.double())
     return torch.cat(logits), torch.cat(feats)
 
 
 def random_shift(x, max_shift, generator):
-    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift], filling with background (-1)."""
+    """Shift each image by its own random (dy, dx) in [-max_shift, max_shift], filling with
+    background (-1)."""
     n, c, h, w = x.shape
     p = max_shift
     xp = F.pad(x, (p, p, p, p), value=-1.0)
@@ -93,7 +99,8 @@ def random_shift(x, max_shift, generator):
 
 
 def train_classifier(args):
-    """Train MnistCNN on the 60k training digits (shifts of +-2 px), report test accuracy, save small weights."""
+    """Train MnistCNN on the 60k training digits (shifts of +-2 px), report test accuracy, save small
+    weights."""
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     train = load_dataset("mnist", data_dir=args.data_dir, split="train")
@@ -101,7 +108,8 @@ def train_classifier(args):
     model = MnistCNN().to(memory_format=torch.channels_last)    # faster convolutions on CPU
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     steps_per_epoch = len(train.labels) // args.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr,
+                                                total_steps=args.epochs * steps_per_epoch)
     start = time.time()
     for epoch in range(args.epochs):
         model.train()
@@ -170,7 +178,8 @@ def reference_statistics(data_dir, classifier_path=CLASSIFIER_PATH):
     key = ("test", data_dir and os.path.abspath(data_dir), classifier_path)
     if key not in _reference_cache:
         test = mnist_split(data_dir, "test")
-        _reference_cache[key] = feature_statistics(classify(load_classifier(classifier_path)[0], test.images)[1])
+        _reference_cache[key] = feature_statistics(classify(load_classifier(classifier_path)[0],
+                                                            test.images)[1])
     return _reference_cache[key]
 
 
@@ -189,12 +198,14 @@ def real_floor(counts, data_dir, classifier_path=CLASSIFIER_PATH, seed=0):
                                 f"floor; use --per-class {len(pool)} or fewer")
             picked.append(pool[torch.randperm(len(pool), generator=g)[:n]])
         feats = classify(load_classifier(classifier_path)[0], train.images[torch.cat(picked)])[1]
-        _reference_cache[key] = frechet_distance(*feature_statistics(feats), *reference_statistics(data_dir, classifier_path))
+        _reference_cache[key] = frechet_distance(*feature_statistics(feats),
+                                                 *reference_statistics(data_dir, classifier_path))
     return _reference_cache[key]
 
 
 def score_images(images, labels, data_dir=None, classifier_path=CLASSIFIER_PATH):
-    """uint8 digits (N, 1, 32, 32) drawn for labels (N,) -> dict of accuracy, per-class accuracy, FD and floor."""
+    """uint8 digits (N, 1, 32, 32) drawn for labels (N,) -> dict of accuracy, per-class accuracy, FD and
+    floor."""
     if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, 32, 32):
         raise UserError(f"images must be uint8 (N, 1, 32, 32) MNIST-like digits, got {images.dtype} "
                         f"{tuple(images.shape)}; pad 28x28 digits to 32x32 (data.load_dataset does)")
@@ -207,5 +218,5 @@ def score_images(images, labels, data_dir=None, classifier_path=CLASSIFIER_PATH)
     counts = torch.bincount(labels, minlength=10).tolist()
     per_class = [correct[labels == c].mean().item() if counts[c] else None for c in range(10)]
     fd = frechet_distance(*feature_statistics(feats), *reference_statistics(data_dir, classifier_path))
-    return {"n": len(images), "counts": counts, "accuracy": correct.mean().item(), "per_class_accuracy": per_class,
-            "fd": fd, "floor": real_floor(counts, data_dir, classifier_path)}
+    return {"n": len(images), "counts": counts, "accuracy": correct.mean().item(),
+            "per_class_accuracy": per_class, "fd": fd, "floor": real_floor(counts, data_dir, classifier_path)}

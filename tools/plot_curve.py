@@ -16,15 +16,21 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import ArgumentParser, UserError, atomic_write, load_checkpoint, refuse_overwrite, run_cli  # noqa: E402
+if __package__ in (None, ""):          # run from tools/: the repository's modules sit one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from checkpoint import load_checkpoint
+from cli import ArgumentParser, UserError, run_cli
+from evaluate import read_score
+from guard import atomic_write, refuse_overwrite
 
 
 def parse_args(argv):
     p = ArgumentParser(description="Collect, tabulate and plot quality against training time.")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="score JSONs (tools/evaluate.py score --out-json) -> one curve JSON")
-    c.add_argument("scores", nargs="+", help="evaluate.py score --out-json files, one per snapshot and sampler")
+    c.add_argument("scores", nargs="+",
+                   help="evaluate.py score --out-json files, one per snapshot and sampler")
     c.add_argument("--out", required=True, help="the curve JSON to write")
     g = sub.add_parser("plot", help="curve JSON -> markdown table on stdout and a PNG")
     g.add_argument("curve", help="the JSON written by collect")
@@ -35,37 +41,35 @@ def parse_args(argv):
 def setting(row):
     """'DPM-Solver++(2M) 5, CFG 1.2': how a row was sampled."""
     name = {"dpm++2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}.get(row["sampler"], row["sampler"])
-    return f"{name} {row['steps']}, " + ("no guidance" if row["cfg_scale"] == 1 else f"CFG {row['cfg_scale']:g}")
+    return f"{name} {row['steps']}, " + ("no guidance" if row["cfg_scale"] == 1
+                                         else f"CFG {row['cfg_scale']:g}")
 
 
 def collect(paths):
     """One row per score: the sampling setting, the scores and what the snapshot had reached."""
     rows = []
     for path in paths:
-        try:
-            with open(path) as f:
-                score = json.load(f)
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable JSON file ({e}); pass evaluate.py score --out-json files")
-        if not {"ckpt", "accuracy", "fd", "floor", "n"} <= set(score):
-            raise UserError(f"{path} is not a score of a checkpoint; pass evaluate.py score --ckpt ... --out-json files")
+        score = read_score(path, ("ckpt", "accuracy", "fd", "floor", "n"))
         ckpt = load_checkpoint(score["ckpt"])
         batch = ckpt.get("args", {}).get("batch_size") or ckpt.get("training", {}).get("batch_size")
         rows.append({"minutes": round(ckpt.get("wall_time_s", 0.0) / 60, 1), "step": ckpt["step"],
-                     "images_seen": ckpt["step"] * batch if batch else None, "checkpoint": os.path.basename(score["ckpt"]),
-                     **{k: score[k] for k in ("sampler", "steps", "cfg_scale", "n", "accuracy", "fd", "floor")},
+                     "images_seen": ckpt["step"] * batch if batch else None,
+                     "checkpoint": os.path.basename(score["ckpt"]),
+                     **{k: score[k] for k in ("sampler", "steps", "cfg_scale", "n", "accuracy", "fd",
+                                              "floor")},
                      "worst_class_accuracy": min(score.get("per_class_accuracy") or [score["accuracy"]])})
     return sorted(rows, key=lambda r: (setting(r), r["minutes"]))
 
 
 def markdown(rows):
-    lines = ["| minutes | steps | images seen | sampler | samples | accuracy | worst class | FD | floor | FD / floor |",
+    lines = ["| minutes | steps | images seen | sampler | samples | accuracy | "
+             "worst class | FD | floor | FD / floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["minutes"], setting(r))):
         images = f"{r['images_seen'] / 1e3:,.0f}k" if r["images_seen"] else "?"
         lines.append(f"| {r['minutes']:g} | {r['step']:,} | {images} | {setting(r)} | {r['n']:,} | "
-                     f"{100 * r['accuracy']:.2f} % | {100 * r['worst_class_accuracy']:.1f} % | {r['fd']:.2f} | "
-                     f"{r['floor']:.2f} | {r['fd'] / r['floor']:.2f} |")
+                     f"{100 * r['accuracy']:.2f} % | {100 * r['worst_class_accuracy']:.1f} % | "
+                     f"{r['fd']:.2f} | {r['floor']:.2f} | {r['fd'] / r['floor']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -81,13 +85,15 @@ def plot(rows, path):
         acc.plot(minutes, [100 * r["accuracy"] for r in mine], "o-", label=name)
         fd.plot(minutes, [r["fd"] / r["floor"] for r in mine], "o-", label=name)
     acc.set(xlabel="minutes of training (2-core CPU)", ylabel="conditional accuracy (%)", title="Accuracy")
-    fd.set(xlabel="minutes of training (2-core CPU)", ylabel="FD / floor (1 = real digits)", title="FD / floor")
+    fd.set(xlabel="minutes of training (2-core CPU)", ylabel="FD / floor (1 = real digits)",
+           title="FD / floor")
     fd.axhline(1, color="grey", lw=0.8, ls="--")
     for ax in (acc, fd):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     n = sorted({r["n"] for r in rows})
-    fig.suptitle(f"DiT-T/4 on MNIST, python train.py's CPU recipe; {', '.join(f'{k:,}' for k in n)} samples per point",
+    fig.suptitle(f"DiT-T/4 on MNIST, python train.py's CPU recipe; "
+                 f"{', '.join(f'{k:,}' for k in n)} samples per point",
                  fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
@@ -96,7 +102,8 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    refuse_overwrite({"--out": args.out}, {p: p for p in (args.scores if args.command == "collect" else [args.curve])})
+    refuse_overwrite({"--out": args.out},
+                     {p: p for p in (args.scores if args.command == "collect" else [args.curve])})
     if args.command == "collect":
         rows = collect(args.scores)
         atomic_write(args.out, lambda f: json.dump(rows, f, indent=1), binary=False)
@@ -106,7 +113,8 @@ def main(argv=None):
         with open(args.curve) as f:
             rows = json.load(f)
     except (OSError, ValueError) as e:
-        raise UserError(f"{args.curve}: not a readable curve JSON ({e}); write it with `plot_curve.py collect`")
+        raise UserError(f"{args.curve}: not a readable curve JSON ({e}); "
+                        f"write it with `plot_curve.py collect`")
     print(markdown(rows), end="")
     plot(rows, args.out)
     print(f"-> {args.out}")

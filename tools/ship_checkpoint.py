@@ -7,22 +7,28 @@ Make the sampling-only checkpoint the repository ships from a finished training 
 Keeps the EMA weights (fp32), both configs and the class names, and adds the training record (command,
 commit, steps, images seen, wall time, machine) and the scores of tools/evaluate.py score --out-json.
 Drops the optimizer, the raw weights and the RNG states, so it is a third of a training checkpoint and
-train.py --resume refuses it (`sampling_only`). The result loads with runtime.model_from_checkpoint.
+train.py --resume refuses it (`sampling_only`). The result loads with checkpoint.model_from_checkpoint.
 """
-import json
 import os
 import platform
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository's modules
-from cli import ArgumentParser, UserError, load_checkpoint, refuse_overwrite, run_cli, save_checkpoint  # noqa: E402
+if __package__ in (None, ""):          # run from tools/: the repository's modules sit one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SCORE_KEYS = ("sampler", "steps", "cfg_scale", "n", "accuracy", "per_class_accuracy", "fd", "floor", "nfe_per_image",
-              "wall_s", "machine")      # what a score keeps from evaluate.py's JSON (those it has)
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import ArgumentParser, UserError, run_cli
+from evaluate import read_score
+from guard import refuse_overwrite
+
+SCORE_KEYS = ("sampler", "steps", "cfg_scale", "n", "accuracy", "per_class_accuracy", "fd", "floor",
+              "nfe_per_image", "wall_s", "machine")      # what a score keeps from evaluate.py's JSON
+                                                         # (those it has)
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Turn a training checkpoint into the sampling-only one the repository ships.")
+    p = ArgumentParser(description="Turn a training checkpoint into the sampling-only one "
+                                   "the repository ships.")
     p.add_argument("ckpt", help="ckpt.pt (or a ckpt_<M>min.pt snapshot) written by train.py")
     p.add_argument("--out", required=True, help="the file to write, e.g. checkpoints/dit-t4-mnist.pt")
     p.add_argument("--scores", nargs="*", default=[], help="JSON files of tools/evaluate.py score --out-json")
@@ -41,15 +47,8 @@ def this_machine():
     return f"{os.cpu_count()}-core {name}, no GPU, {platform.system()}"
 
 
-def read_score(path):
-    try:
-        with open(path) as f:
-            result = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"--scores {path}: not a readable JSON file ({e}); pass evaluate.py score --out-json files")
-    if "accuracy" not in result or "fd" not in result:
-        raise UserError(f"--scores {path} holds no accuracy and fd; pass evaluate.py score --out-json files")
-    return {k: result[k] for k in SCORE_KEYS if k in result}
+def kept(score):
+    return {k: score[k] for k in SCORE_KEYS if k in score}
 
 
 def main(argv=None):
@@ -57,7 +56,8 @@ def main(argv=None):
     refuse_overwrite({"--out": args.out}, {"ckpt": args.ckpt, **{f"--scores {p}": p for p in args.scores}})
     ckpt = load_checkpoint(args.ckpt)
     if ckpt.get("ema") is None or "step" not in ckpt:
-        raise UserError(f"{args.ckpt} has no EMA weights or step count; pass a checkpoint written by train.py")
+        raise UserError(f"{args.ckpt} has no EMA weights or step count; "
+                        f"pass a checkpoint written by train.py")
     import torch
     batch = ckpt.get("args", {}).get("batch_size")
     state = {
@@ -70,7 +70,7 @@ def main(argv=None):
                      "images_seen": ckpt["step"] * batch if batch else None, "batch_size": batch,
                      "wall_time_min": round(ckpt.get("wall_time_s", 0.0) / 60, 1),
                      "machine": args.machine or this_machine(), "args": ckpt.get("args", {})},
-        "scores": [read_score(p) for p in args.scores],
+        "scores": [kept(read_score(p, ("accuracy", "fd"), "--scores ")) for p in args.scores],
     }
     save_checkpoint(args.out, state)
     size = os.path.getsize(args.out) / 1e6

@@ -2,7 +2,7 @@
 Ways to run the readable DiT faster, as wrappers around it, for bench.py to measure: the network in
 dit.py stays the one source of truth, and every speed-up here is a flag around it (a cast copy,
 autocast, torch.compile, a CUDA-graph capture), never a hand-fused second model. The ones the main
-path uses live there: the low-precision copy and CUDA graphs in runtime.py, the compiled training
+path uses live there: the low-precision copy and CUDA graphs in backends.py, the compiled training
 step in train.py.
 
 Every inference wrapper returns a model call
@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import train
 from cli import has_fast_bf16
-from runtime import CudaGraphs, LowPrecision, TorchBackend
+from backends import CudaGraphs, LowPrecision, TorchBackend
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +93,7 @@ def tf32_fn(model):
 
 
 def low_precision_fn(model, dtype):
-    """Eager forward of a dtype copy of the weights (runtime.LowPrecision): fp32 in and out."""
+    """Eager forward of a dtype copy of the weights (backends.LowPrecision): fp32 in and out."""
     return TorchBackend(model, dtype)
 
 
@@ -140,7 +140,8 @@ def ort_session_options(threads=None):
 
 
 def cuda_graph_fn(model, dtype=torch.float16):
-    """The model call (of a dtype copy) recorded as a CUDA graph per batch size and replayed (runtime.CudaGraphs)."""
+    """The model call (of a dtype copy) recorded as a CUDA graph per batch size and replayed
+    (backends.CudaGraphs)."""
     if next(model.parameters()).device.type != "cuda":
         raise ValueError("cuda_graph_fn needs a model on a CUDA device")
     net = TorchBackend(model, dtype).net
@@ -152,8 +153,9 @@ def cuda_graph_fn(model, dtype=torch.float16):
 # ----------------------------------------------------------------------------------------------
 
 def training_fn(model, compile=True, amp_dtype=None):
-    """The model call of train.py's loop (train.wrap: torch.compile with --compile, same math and label-dropout
-    draws as eager), plus autocast in amp_dtype as --amp adds it: faster, but it changes the numerics."""
+    """The model call of train.py's loop (train.wrap: torch.compile with --compile, same math and
+    label-dropout draws as eager), plus autocast in amp_dtype as --amp adds it: faster, but it changes the
+    numerics."""
     net = train.wrap(model, compile, 1, next(model.parameters()).device)
     if amp_dtype in (None, torch.float32):
         return net
@@ -191,7 +193,7 @@ def count_flops(model, batch_size=1, backward=False):
     Elementwise work (LayerNorm, GELU, modulation) is not counted; it is memory-bound, not FLOP-bound."""
     p = next(model.parameters())
     c = model.config
-    x = torch.randn(batch_size, c.in_channels, c.image_size, c.image_size, device=p.device, dtype=p.dtype)
+    x = torch.randn(batch_size, *c.image_shape, device=p.device, dtype=p.dtype)
     t = torch.zeros(batch_size, dtype=torch.long, device=p.device)
     y = torch.zeros(batch_size, dtype=torch.long, device=p.device)
     with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS) as counter:
@@ -227,7 +229,8 @@ def measure_matmul_peak(device, dtype=torch.float32, n=4096, repeats=5):
 # ----------------------------------------------------------------------------------------------
 
 def interleaved(runs, repeats, sync):
-    """{name: run()} -> {name: [seconds]}: each repeat runs every row once, starting one row later each time."""
+    """{name: run()} -> {name: [seconds]}: each repeat runs every row once, starting one row later each
+    time."""
     names, times = list(runs), {name: [] for name in runs}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -241,7 +244,8 @@ def interleaved(runs, repeats, sync):
 
 def spread(seconds, scale=1.0):
     """Median and [min, max] of a list of times, times scale."""
-    return {"median": statistics.median(seconds) * scale, "min": min(seconds) * scale, "max": max(seconds) * scale}
+    return {"median": statistics.median(seconds) * scale, "min": min(seconds) * scale,
+            "max": max(seconds) * scale}
 
 
 class PeakMemory:

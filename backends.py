@@ -9,21 +9,18 @@ Each is a callable  out = f(x, t, y)  with x float32 (N, C, H, W), t and y int64
 returning float32 `out` (N, C_out, H, W) on `f.device`: the network's raw prediction (eps, x0 or v, as
 the checkpoint's diffusion_config.prediction says, then the variance channels if learned).
 
-Files written by export.py carry a JSON sidecar (`<file>.json`) naming the checkpoint they came from
-(its SHA-256), the model and diffusion configs, the class names, the versions and, for an engine, the
-GPU and batch profile. Backends refuse a file whose sidecar is missing or disagrees with the file,
-the checkpoint or the GPU: a stale engine otherwise samples wrong images without any error.
+Files written by export.py carry a JSON sidecar (`<file>.json`, checkpoint.py) naming the checkpoint
+they came from, the configs, the class names and, for an engine, the GPU and batch profile. Backends
+refuse a file whose sidecar is missing or disagrees with the file, the checkpoint or the GPU: a stale
+engine otherwise samples wrong images without any error.
 
 TensorRT is imported lazily and never touched without a CUDA device: on a GPU-less machine its
 calls can crash the process instead of raising.
 
-Read top to bottom:  checkpoints -> PyTorch -> sidecars -> ONNX Runtime -> CUDA graphs -> TensorRT
--> opening a backend -> the batch loop of the sampling scripts.
+Read top to bottom:  PyTorch -> ONNX Runtime -> CUDA graphs -> TensorRT -> opening a backend.
 """
 import copy
-import hashlib
 import importlib.util
-import json
 import math
 import os
 import sys
@@ -32,46 +29,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from cli import DEFAULT_NUM_SAMPLES, Progress, UserError, atomic_write, file_sha256, first_line, load_checkpoint
-from data import parse_labels
-from diffusion import DiffusionConfig, GaussianDiffusion
-from dit import DiT, DiTConfig
+from checkpoint import check_sidecar, load_sidecar, model_from_checkpoint
+from cli import UserError, first_line
 
 IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t, y; output out
-
-
-# ----------------------------------------------------------------------------------------------
-#                                   From a checkpoint to a model
-# ----------------------------------------------------------------------------------------------
-
-def configs_from_checkpoint(ckpt, path="checkpoint"):
-    """Rebuild (DiTConfig, DiffusionConfig) from the dicts stored in a checkpoint (or an export sidecar)."""
-    # A learn_sigma key in the diffusion config is ignored: the model config decides it, and the diffusion
-    # reads it off the network's output channels.
-    try:
-        diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
-        return DiTConfig(**ckpt["model_config"]), DiffusionConfig(**diffusion)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"{path} has a model config this code does not understand ({e}); "
-                        f"it was written by another version") from None
-
-
-def model_from_checkpoint(path, device="cpu", use_ema=True):
-    """Checkpoint file -> (DiT in eval mode on device, GaussianDiffusion, class_names, checkpoint dict)."""
-    ckpt = load_checkpoint(path)
-    model_config, diffusion_config = configs_from_checkpoint(ckpt, path)
-    model = DiT(model_config)
-    if not use_ema and ckpt.get("sampling_only"):
-        raise UserError(f"{path} is a sampling-only checkpoint: it holds the EMA weights only; drop --no-ema "
-                        f"(or --weights model)")
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match its model config ({first_line(e)}); "
-                        f"the file is corrupt") from None
-    class_names = ckpt.get("class_names") or [str(i) for i in range(model_config.num_classes)]
-    return model.to(device).eval(), GaussianDiffusion(diffusion_config), class_names, ckpt
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,107 +63,12 @@ class TorchBackend:
     def __init__(self, model, dtype=None, meta=None):
         self.net = model.eval() if dtype in (None, torch.float32) else LowPrecision(model, dtype)
         self.device = next(model.parameters()).device
-        self.name, self.meta = "torch", meta
+        self.meta = meta
 
     @torch.no_grad()
     def __call__(self, x, t, y):
         d = self.device
         return self.net(x.to(d, torch.float32), t.to(d), y.to(d)).float()
-
-
-# ----------------------------------------------------------------------------------------------
-#                                 Sidecars: what a file was built from
-# ----------------------------------------------------------------------------------------------
-
-SIDECAR_FORMAT = "dit-export"
-SIDECAR_VERSION = 2            # version 2 carries the sidecar's own checksum
-
-
-def sidecar_path(artifact):
-    return os.fspath(artifact) + ".json"
-
-
-def sidecar_sha256(meta):
-    """Checksum of a sidecar's own content (all but this field), so an edited sidecar is refused."""
-    content = {k: v for k, v in meta.items() if k != "sidecar_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def artifact_sha256(artifact):
-    """SHA-256 of an exported file, and of its external weights (`<file>.data`) when it has them."""
-    digest = file_sha256(artifact)
-    data = os.fspath(artifact) + ".data"
-    return digest + ("+" + file_sha256(data) if os.path.isfile(data) else "")
-
-
-def write_sidecar(artifact, meta):
-    """Write `<artifact>.json`: meta, the artifact's hash (a file swapped after export is refused) and the
-    sidecar's own checksum (so are hand-edited configs or class names, which would sample wrong images)."""
-    meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "artifact": os.path.basename(artifact),
-            "artifact_sha256": artifact_sha256(artifact), **meta}
-    meta["sidecar_sha256"] = sidecar_sha256(meta)
-    atomic_write(sidecar_path(artifact), lambda f: json.dump(meta, f, indent=1), binary=False)
-    return meta
-
-
-def load_sidecar(artifact):
-    """Read the sidecar of an ONNX file or engine; a missing or unreadable one is a one-line UserError."""
-    artifact = os.fspath(artifact)
-    if not os.path.isfile(artifact):
-        raise UserError(f"{artifact} does not exist; run `python export.py --ckpt RUN/ckpt.pt` first")
-    path = sidecar_path(artifact)
-    if not os.path.isfile(path):
-        raise UserError(f"{path} is missing, so {artifact} cannot be matched to a checkpoint; "
-                        f"rerun export.py to write both")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable sidecar ({type(e).__name__}); rerun export.py") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT or meta.get("version") != SIDECAR_VERSION:
-        raise UserError(f"{path} is not a sidecar written by this export.py (format {SIDECAR_FORMAT} "
-                        f"v{SIDECAR_VERSION}); rerun export.py")
-    if meta.get("sidecar_sha256") != sidecar_sha256(meta):
-        raise UserError(f"{path} was changed after export (its checksum does not match its content); rerun export.py")
-    return meta
-
-
-def current_gpu_name(device="cuda"):
-    """Name of a CUDA device, or None without a GPU (engines are tied to the GPU they were built on)."""
-    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
-
-
-def check_sidecar(meta, artifact, ckpt_path=None, gpu_name=None):
-    """Refuse an artifact that changed after export, comes from another checkpoint (ckpt_path: its hash is
-    compared) or, for an engine, was built on another GPU (gpu_name: the GPU it is about to run on)."""
-    artifact = os.fspath(artifact)
-    if artifact_sha256(artifact) != meta.get("artifact_sha256"):
-        recorded, data = str(meta.get("artifact_sha256")), artifact + ".data"
-        if "+" not in recorded and os.path.isfile(data) and file_sha256(artifact) == recorded:
-            raise UserError(f"{data} does not belong to {artifact}, which was exported with its weights inside it; "
-                            f"delete {data}")
-        raise UserError(f"{artifact} differs from the file its sidecar describes (replaced after export?); "
-                        f"rerun export.py")
-    source = meta.get("checkpoint", {})
-    fix = f"rerun `python export.py --ckpt {ckpt_path}`" if ckpt_path else "rerun export.py"
-    if ckpt_path is not None:
-        digest = file_sha256(ckpt_path)
-        if digest != source.get("sha256"):
-            raise UserError(f"{artifact} was exported from checkpoint {source.get('path')} "
-                            f"(sha256 {str(source.get('sha256'))[:12]}), not from {ckpt_path} "
-                            f"(sha256 {digest[:12]}); {fix}")
-    built_on = (meta.get("gpu") or {}).get("name")
-    if meta.get("kind") == "engine" and gpu_name is not None and built_on != gpu_name:
-        raise UserError(f"{artifact} was built for GPU {built_on!r}, this machine has {gpu_name!r}; "
-                        f"TensorRT engines only run on the GPU they were built for: rerun export.py here")
-
-
-def check_profile(meta, batch, artifact="the engine"):
-    """An engine runs only batch sizes inside the optimisation profile it was built with."""
-    bounds = meta.get("profile")
-    if bounds and not bounds["min"] <= batch <= bounds["max"]:
-        raise UserError(f"batch {batch} is outside the engine's profile [{bounds['min']}, {bounds['max']}] "
-                        f"({artifact}); rebuild with export.py --max-batch {max(batch, bounds['max'])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,17 +88,20 @@ class OrtBackend:
         if meta is None:
             meta = load_sidecar(onnx_path)
             check_sidecar(meta, onnx_path, ckpt_path)
-        self.meta, self.name, self.device = meta, "ort", torch.device("cpu")
+        self.meta, self.device = meta, torch.device("cpu")
         if providers is None:
             available = ort.get_available_providers()
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         try:
-            self.session = ort.InferenceSession(os.fspath(onnx_path), sess_options=session_options, providers=providers)
+            self.session = ort.InferenceSession(os.fspath(onnx_path), sess_options=session_options,
+                                                providers=providers)
         except Exception as e:
-            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first_line(e)}); rerun export.py") from None
+            raise UserError(f"ONNX Runtime cannot load {onnx_path} ({first_line(e)}); "
+                            f"rerun export.py") from None
         names = [i.name for i in self.session.get_inputs()] + [o.name for o in self.session.get_outputs()]
         if names != list(IO_NAMES):
-            raise UserError(f"{onnx_path} has I/O {names}, expected {list(IO_NAMES)}; export it with export.py")
+            raise UserError(f"{onnx_path} has I/O {names}, expected {list(IO_NAMES)}; "
+                            f"export it with export.py")
         self.input_types = {i.name: _NUMPY_TYPES[i.type] for i in self.session.get_inputs()}
         self.providers = self.session.get_providers()
 
@@ -247,7 +116,8 @@ class OrtBackend:
 #                                          CUDA graphs
 # ----------------------------------------------------------------------------------------------
 
-TRT_ALIGNMENT = 256      # bytes: TensorRT requires every bound address to be 256-byte aligned (NvInferRuntime.h)
+TRT_ALIGNMENT = 256      # bytes: TensorRT requires every bound address to be 256-byte aligned
+                         # (NvInferRuntime.h)
 
 
 def empty_aligned(shape, dtype, device, alignment=TRT_ALIGNMENT):
@@ -325,8 +195,8 @@ class CudaGraphs:
         try:
             graph.replay()
         except RuntimeError as e:
-            raise UserError(f"replaying a CUDA graph failed ({first_line(e)}); this process cannot use the GPU "
-                            f"any more: rerun without --cuda-graph") from None
+            raise UserError(f"replaying a CUDA graph failed ({first_line(e)}); "
+                            f"this process cannot use the GPU any more: rerun without --cuda-graph") from None
         return out.clone()
 
 
@@ -348,7 +218,7 @@ def trt_unavailable_reason():
     try:
         import tensorrt  # noqa: F401
     except Exception as e:   # ImportError, or OSError from a library the bindings load
-        return (f"TensorRT is installed but does not import ({first_line(e, 120)}); reinstall it from "
+        return (f"TensorRT is installed but does not import ({first_line(e)}); reinstall it from "
                 f"requirements-gpu.txt")
     return None
 
@@ -360,6 +230,19 @@ def import_tensorrt():
         raise UserError(f"{reason}; use --backend ort")
     import tensorrt as trt
     return trt
+
+
+def current_gpu_name(device="cuda"):
+    """Name of a CUDA device, or None without a GPU (engines are tied to the GPU they were built on)."""
+    return torch.cuda.get_device_name(device) if torch.cuda.is_available() else None
+
+
+def check_profile(meta, batch, artifact="the engine"):
+    """An engine runs only batch sizes inside the optimisation profile it was built with."""
+    bounds = meta.get("profile")
+    if bounds and not bounds["min"] <= batch <= bounds["max"]:
+        raise UserError(f"batch {batch} is outside the engine's profile [{bounds['min']}, {bounds['max']}] "
+                        f"({artifact}); rebuild with export.py --max-batch {max(batch, bounds['max'])}")
 
 
 _TRT_LOGGER = []
@@ -397,18 +280,19 @@ class TrtBackend:
             gpu = current_gpu_name(self.device) if self.device.type == "cuda" else None
             check_sidecar(meta, engine_path, ckpt_path, gpu_name=gpu)
         if self.device.type != "cuda":
-            raise UserError(f"TensorRT runs on a CUDA GPU, not on {self.device}; pass --device cuda or cuda:N")
+            raise UserError(f"TensorRT runs on a CUDA GPU, not on {self.device}; "
+                            f"pass --device cuda or cuda:N")
         trt = import_tensorrt()
-        self.meta, self.name = meta, "trt"
         self.runtime = trt.Runtime(trt_logger(trt))        # must outlive the engine
         with open(engine_path, "rb") as f, torch.cuda.device(self.device):
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:
-            raise UserError(f"TensorRT {trt.__version__} cannot load {engine_path} (built with another TensorRT "
-                            f"version or GPU?); rebuild it with export.py on this machine")
+            raise UserError(f"TensorRT {trt.__version__} cannot load {engine_path} (built with another "
+                            f"TensorRT version or GPU?); rebuild it with export.py on this machine")
         names = sorted(self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors))
         if names != sorted(IO_NAMES):
-            raise UserError(f"{engine_path} has I/O {names}, expected {sorted(IO_NAMES)}; rebuild it with export.py")
+            raise UserError(f"{engine_path} has I/O {names}, expected {sorted(IO_NAMES)}; "
+                            f"rebuild it with export.py")
         self.dtypes = {n: torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in IO_NAMES}
         low, _, high = self.engine.get_tensor_profile_shape("x", 0)      # (min, opt, max) shapes of x
         self.meta = {**meta, "profile": {**meta.get("profile", {}), "min": low[0], "max": high[0]}}
@@ -430,11 +314,13 @@ class TrtBackend:
         return context
 
     def _bind(self, context, x, t, y):
-        """Set shapes and addresses of the inputs (256-byte aligned), allocate and bind the output; returns it."""
+        """Set shapes and addresses of the inputs (256-byte aligned), allocate and bind the output;
+        returns it."""
         for name, v in (("x", x), ("t", t), ("y", y)):
             if not context.set_input_shape(name, tuple(v.shape)):
                 check_profile(self.meta, v.shape[0])
-                raise UserError(f"the engine refuses input {name} of shape {tuple(v.shape)}; rebuild it with export.py")
+                raise UserError(f"the engine refuses input {name} of shape {tuple(v.shape)}; "
+                                f"rebuild it with export.py")
             self._set_address(context, name, v)
         out = empty_aligned(tuple(context.get_tensor_shape("out")), self.dtypes["out"], self.device)
         self._set_address(context, "out", out)
@@ -443,8 +329,8 @@ class TrtBackend:
     @staticmethod
     def _set_address(context, name, v):
         if not context.set_tensor_address(name, v.data_ptr()):
-            raise UserError(f"TensorRT refused the address of {name} (0x{v.data_ptr():x}: it needs device memory "
-                            f"aligned to {TRT_ALIGNMENT} bytes)")
+            raise UserError(f"TensorRT refused the address of {name} "
+                            f"(0x{v.data_ptr():x}: it needs device memory aligned to {TRT_ALIGNMENT} bytes)")
 
     def _enqueue(self, context):
         if not context.execute_async_v3(self.stream.cuda_stream):
@@ -492,9 +378,9 @@ class TrtBackend:
 # ----------------------------------------------------------------------------------------------
 
 def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
-    """name 'trt' -> TrtBackend(engine path), 'ort' -> OrtBackend(onnx path), 'torch' -> TorchBackend(ckpt path,
-    EMA weights). ckpt_path, when given, must be the checkpoint the file was exported from (its sidecar is
-    checked). The backend's .meta (sidecar or checkpoint) holds the configs and class names."""
+    """name 'trt' -> TrtBackend(engine path), 'ort' -> OrtBackend(onnx path), 'torch' -> TorchBackend(ckpt
+    path, EMA weights). ckpt_path, when given, must be the checkpoint the file was exported from (its
+    sidecar is checked). The backend's .meta (sidecar or checkpoint) holds the configs and class names."""
     if name == "trt":
         return TrtBackend(path, cuda_graph=cuda_graph, ckpt_path=ckpt_path, device=device)
     if name == "ort":
@@ -503,46 +389,3 @@ def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
         model, _, _, ckpt = model_from_checkpoint(path, device)
         return TorchBackend(model, meta=ckpt)
     raise UserError(f"unknown backend {name!r}; choose trt, ort or torch")
-
-
-# ----------------------------------------------------------------------------------------------
-#                           The batch loop of the sampling scripts
-# ----------------------------------------------------------------------------------------------
-# sample.py, infer_trt.py and tools/evaluate.py draw images the same way, so a seed gives the same
-# digits from any of them and on any backend: labels first, then all starting noise up front from
-# one CPU generator, then diffusion.sample over batches.
-
-def choose_labels(args, class_names, generator):
-    """--labels text, or --num-samples labels in cycle (0, 1, 2, ...) or random order -> class indices."""
-    if args.labels is not None:
-        return parse_labels(args.labels, class_names)
-    n, k = args.num_samples or DEFAULT_NUM_SAMPLES, len(class_names)
-    if args.label_order == "cycle":
-        return [i % k for i in range(n)]
-    return torch.randint(k, (n,), generator=generator).tolist()
-
-
-def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sampler, steps, cfg_scale,
-                 eta=0.0, thresholding=False, batch_size=64, device="cpu"):
-    """Images (N, C, H, W) in [-1, 1] on the CPU for `labels`, in batches; the starting noise of all N
-    is drawn first from `generator`, so the images do not depend on batch_size or device."""
-    if not 1 <= steps <= diffusion.num_timesteps:
-        raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the timesteps the model "
-                        f"was trained with")
-    shape = (model_config.in_channels, model_config.image_size, model_config.image_size)
-    noise = torch.randn((len(labels), *shape), generator=generator)
-    progress = Progress(len(labels), "images ") if len(labels) > batch_size else None   # more than one batch
-    images = []
-    for i in range(0, len(labels), batch_size):
-        if progress:
-            progress.update(i)
-        y = torch.tensor(labels[i:i + batch_size])
-        with torch.no_grad():
-            images.append(diffusion.sample(
-                model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                null_class=model_config.null_class, eta=eta, thresholding=thresholding,
-                noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
-    if progress:
-        progress.update(len(labels), force=True)
-        progress.close()
-    return torch.cat(images)
