@@ -35,15 +35,11 @@ from cli import UserError, first_line
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
 from guard import atomic_write, remove_stale_temp_files
+from recipe import SHIPPED_CKPT
 
 CHECKPOINT_FORMAT = "dit-checkpoint"
 CHECKPOINT_VERSION = 2          # version 2 carries the checksum; version 1 files (without one) still load
 RESUME_KEYS = ("ema", "optimizer", "step", "rng")
-
-# The trained model the repository ships (train.py's CPU default, EMA weights; its record is in the file and
-# in docs/results.md): what the sampling, export and measuring scripts use when --ckpt is not given.
-SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "dit-t4-mnist.pt")
-
 
 def checkpoint_or_shipped(path):
     """--ckpt as given, or (None) the shipped checkpoint, said in one line on stderr."""
@@ -208,7 +204,7 @@ def checkpoint_to_resume(resume, ckpt_path, say):
 
 def load_for_resume(path, configs):
     """Load a checkpoint to continue training. Its configs must equal the flags' ones (configs, as dicts):
-    argparse cannot tell a default from a typed flag, so silently taking the checkpoint's could ignore one."""
+    a resume continues the run the flags describe, and silently taking the checkpoint's could ignore one."""
     ckpt = load_checkpoint(path)
     if ckpt.get("sampling_only"):
         raise UserError(f"{path} is a sampling-only checkpoint (EMA weights, no optimizer or RNG state): it "

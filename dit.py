@@ -212,19 +212,19 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
-        self.config = cfg = config
-        self.grid_size = cfg.image_size // cfg.patch_size
+        self.config = config
+        self.grid_size = config.image_size // config.patch_size
         # Patchify (paper Fig. 4): a conv with stride = kernel = p is a Linear applied to each patch.
-        self.x_embedder = nn.Conv2d(cfg.in_channels, cfg.hidden_size, kernel_size=cfg.patch_size,
-                                    stride=cfg.patch_size)
-        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        self.x_embedder = nn.Conv2d(config.in_channels, config.hidden_size, kernel_size=config.patch_size,
+                                    stride=config.patch_size)
+        self.t_embedder = TimestepEmbedder(config.hidden_size)
+        self.y_embedder = LabelEmbedder(config.num_classes, config.hidden_size, config.class_dropout_prob)
         # Fixed, not learned: a buffer moves with the model (.to, .half) but is never updated, nor saved.
-        pos_embed = sincos_pos_embed_2d(cfg.hidden_size, self.grid_size)[None]           # (1, T, D)
+        pos_embed = sincos_pos_embed_2d(config.hidden_size, self.grid_size)[None]           # (1, T, D)
         self.register_buffer("pos_embed", pos_embed, persistent=False)
-        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio)
-                                     for _ in range(cfg.depth)])
-        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
+        self.blocks = nn.ModuleList([DiTBlock(config.hidden_size, config.num_heads, config.mlp_ratio)
+                                     for _ in range(config.depth)])
+        self.final_layer = FinalLayer(config.hidden_size, config.patch_size, config.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self):

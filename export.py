@@ -41,11 +41,11 @@ import torch.nn as nn
 
 from backends import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
                       trt_logger, trt_unavailable_reason)
-from checkpoint import (SHIPPED_CKPT, checkpoint_or_shipped, config_dict, file_sha256, model_from_checkpoint,
+from checkpoint import (checkpoint_or_shipped, config_dict, file_sha256, model_from_checkpoint,
                         write_sidecar)
 from cli import UserError, first_line
 from guard import atomic_write, check_writable, move_into_place, refuse_overwrite, same_file
-from recipe import EXPERIMENTAL_OPSET, SHIPPED_EXPORT_DIR
+from recipe import ENGINE_NAME, EXPERIMENTAL_OPSET, ONNX_NAME, SHIPPED_CKPT, SHIPPED_EXPORT_DIR
 from sample import draw_samples, pixel_difference
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
@@ -53,8 +53,9 @@ FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
 FP16_MAX = 65504.0      # largest finite fp16
 FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
 CHECK_CFG = 2.0         # guidance of the fixed-seed check runs: a doubled batch, as in sampling
-ONNX_FILES = {"model.onnx": "fp32", "model_fp16.onnx": "fp16"}
-WRITTEN = ("model.onnx", "model_fp16.onnx", "model_fp16.engine", "model_fp16.timing.cache")
+FP16_ONNX_NAME, CACHE_NAME = "model_fp16.onnx", "model_fp16.timing.cache"
+ONNX_FILES = {ONNX_NAME: "fp32", FP16_ONNX_NAME: "fp16"}
+WRITTEN = (ONNX_NAME, FP16_ONNX_NAME, ENGINE_NAME, CACHE_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed,
     batches = sorted({1, min(7, max_batch), max_batch})
     rows = parity(torch_fn, engine_fn, config, diffusion.num_timesteps, batch_sizes=batches, seed=seed)
     print_parity("TRT fp16 vs torch", rows)
-    check_tolerance(rows, "fp16", "model_fp16.engine")
+    check_tolerance(rows, "fp16", ENGINE_NAME)
     num = min(8, max_batch // 2)
     reference = fixed_seed_sample(torch_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
     images = fixed_seed_sample(engine_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
@@ -414,17 +415,17 @@ def build_checked_engine(model, diffusion, meta, out_dir, batch_size, max_batch,
     """Stage 2: the TensorRT fp16 engine from model_fp16.onnx, tuned for batch 2 x batch_size (guidance
     doubles the sampling batch), checked against PyTorch on the same GPU before it and its sidecar replace
     an earlier one."""
-    onnx_path = os.path.join(out_dir, "model_fp16.onnx")
-    engine_path = os.path.join(out_dir, "model_fp16.engine")
-    cache_path = os.path.join(out_dir, "model_fp16.timing.cache")
-    new_engine = os.path.join(out_dir, ".model_fp16.engine.unchecked")    # becomes the engine once checked
+    onnx_path = os.path.join(out_dir, FP16_ONNX_NAME)
+    engine_path = os.path.join(out_dir, ENGINE_NAME)
+    cache_path = os.path.join(out_dir, CACHE_NAME)
+    new_engine = os.path.join(out_dir, f".{ENGINE_NAME}.unchecked")    # becomes the engine once checked
     batches = (1, 2 * batch_size, max_batch)
     start = time.time()
     version = build_engine(onnx_path, new_engine, cache_path, model.config.image_shape, batches, opt_level,
                            workspace_gb)
-    print(f"model_fp16.engine: TensorRT {version}, profile min/opt/max batch {batches}, "
+    print(f"{ENGINE_NAME}: TensorRT {version}, profile min/opt/max batch {batches}, "
           f"opt level {opt_level}, built in {time.time() - start:.0f} s")
-    engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": "model_fp16.onnx",
+    engine_meta = {**meta, "kind": "engine", "precision": "fp16", "onnx": FP16_ONNX_NAME,
                    "versions": {**meta["versions"], "tensorrt": version},
                    "gpu": {"name": current_gpu_name(),
                            "capability": list(torch.cuda.get_device_capability(0))},
@@ -458,7 +459,10 @@ def main(argv=None):
     refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in outputs}, {"--ckpt": args.ckpt})
     model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu",
                                                                 use_ema=args.weights == "ema")
-    check_writable(os.path.join(out_dir, "model.onnx"))
+    check_writable(os.path.join(out_dir, ONNX_NAME))
+    if args.verify_steps > diffusion.num_timesteps:
+        raise UserError(f"--verify-steps {args.verify_steps} exceeds the {diffusion.num_timesteps} timesteps "
+                        f"the model was trained with; pass at most --verify-steps {diffusion.num_timesteps}")
     meta = export_metadata(args.ckpt, args.weights, args.opset, model, diffusion, class_names, ckpt)
     export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed)
     reason = trt_unavailable_reason()

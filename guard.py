@@ -53,13 +53,13 @@ def disk_full(error):
 
 
 def move_into_place(path, target):
-    """fsync a complete file (and its external weights `.data`, if any) and rename it to its final name,
-    atomically on POSIX. The weights go first: a graph never points at missing ones."""
-    for suffix in (".data", ""):
-        if os.path.isfile(path + suffix):
-            with open(path + suffix, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(path + suffix, target + suffix)
+    """fsync a complete file and rename it to its final name (atomic on POSIX). An ONNX graph's external
+    weights (`<path>.data`), when there are any, go first: a graph never points at missing ones."""
+    for source, destination in ((path + ".data", target + ".data"), (path, target)):
+        if source == path or os.path.isfile(source):
+            with open(source, "rb") as f:
+                os.fsync(f.fileno())      # the data on disk before the name points at it
+            os.replace(source, destination)
 
 
 def atomic_write(path, write_fn, binary=True):
@@ -138,10 +138,10 @@ def refuse_overwrite(outputs, inputs):
 #                                The run folder, its lock and log
 # ----------------------------------------------------------------------------------------------
 
-def run_folder(out, data_dir):
-    """Create the run folder -> (its path, whether this call created it). Never inside the data."""
-    data_dir = data_dir and os.path.realpath(data_dir)
-    if data_dir and os.path.commonpath([data_dir, os.path.realpath(out)]) == data_dir:
+def make_run_folder(out, data_dir):
+    """Create the run folder out (and out/samples) -> whether this call created it. Never inside the data."""
+    data = data_dir and os.path.realpath(data_dir)
+    if data and os.path.commonpath([data, os.path.realpath(out)]) == data:
         raise UserError(f"--out {out} is inside --data-dir {data_dir}: the run's files would become part of "
                         f"the data; pass an --out outside it")
     created = not os.path.exists(out)
@@ -151,7 +151,7 @@ def run_folder(out, data_dir):
         raise UserError(f"cannot create run folder {out}: {e.strerror}; pass a writable --out") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"run folder {out} is not writable; pass a writable --out")
-    return out, created
+    return created
 
 
 def remove_if_unused(out):
@@ -255,7 +255,7 @@ class RunLog:
 
 def setup_ddp(device, timeout_s):
     """-> (rank, world, device); under torchrun (WORLD_SIZE > 1) joins the group: nccl on GPUs, gloo on CPU.
-    A collective that waits longer than timeout_s for another process fails (TimeoutError below)."""
+    A collective that waits longer than timeout_s for another process fails (see peer_lost)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -321,20 +321,20 @@ class StopFlag:
 class TrainingGuard:
     """The decisions taken after each step, the same on every rank: stop (a signal or --max-minutes), fail
     (a NaN loss), keep a timed snapshot (--snapshot-minutes). It also knows the last good checkpoint, for
-    the messages. t_start: when this process started; wall_before: the run's wall time before it
-    (a resume)."""
+    the messages. t_start: when train() began (the clock of --max-minutes); wall_before: the run's wall
+    time before this process, for a resumed run."""
 
     def __init__(self, out, t_start, max_minutes, snapshot_minutes, wall_before, world, device, master,
                  last_good):
         self.out, self.max_minutes, self.world, self.device = out, max_minutes, world, device
         self.t_start, self.wall_before, self.last_good = t_start, wall_before, last_good
         self.snapshots = [m for m in snapshot_minutes or () if 60 * m > wall_before]   # those not yet passed
-        self.signals = StopFlag("stopping after this step, with a checkpoint (Ctrl-C again to abort)"
+        self.stop_flag = StopFlag("stopping after this step, with a checkpoint (Ctrl-C again to abort)"
                                 if master else None)
         self.stopping = self.snapshot_due = False
 
     def wall(self):
-        """The run's wall time in seconds, over all its processes (resumes)."""
+        """The run's wall time in seconds: this process's and that of the runs it resumed."""
         return self.wall_before + time.time() - self.t_start
 
     def time_left(self):
@@ -347,31 +347,37 @@ class TrainingGuard:
         timed_out = self.max_minutes is not None and time.time() - self.t_start > 60 * self.max_minutes
         bad = not math.isfinite(loss_value) and not fp16
         snapshot = bool(self.snapshots) and self.wall() >= 60 * self.snapshots[0]
-        stop = self.signals.signum is not None or timed_out
+        stop = self.stop_flag.signum is not None or timed_out
         bad, self.stopping, self.snapshot_due = over_ranks([bad, stop, snapshot], "max", self.world,
                                                            self.device)
         if bad:
             raise UserError(f"loss became {loss_value} at step {step}; "
                             f"last good checkpoint: {self.last_good}; lower --lr or use --amp off")
 
-    def snapshot_path(self):
-        """OUT/ckpt_<M>min.pt for the snapshot now due."""
+    def take_snapshot(self):
+        """The due snapshot, struck off the list -> its path OUT/ckpt_<M>min.pt."""
         return os.path.join(self.out, f"ckpt_{self.snapshots.pop(0):g}min.pt")
 
-    def saved(self, path, step):
+    def checkpoint_saved(self, path, step):
+        """The last good checkpoint, which the error messages name."""
         self.last_good = f"{path} (step {step})"
 
     def disk_full_error(self):
         return DiskFull(f"no space left on the disk of {self.out}; last good checkpoint: {self.last_good}; "
                         f"free some space, then --resume auto")
 
+    @property
+    def signum(self):
+        """The signal that stopped the run, or None."""
+        return self.stop_flag.signum
+
     def why_stopped(self, step, steps):
-        if self.signals.signum is not None:
-            return f"stopped by {signal.Signals(self.signals.signum).name}"
+        if self.signum is not None:
+            return f"stopped by {signal.Signals(self.signum).name}"
         return f"stopped after --max-minutes {self.max_minutes}" if step < steps else "done"
 
     def close(self):
-        self.signals.restore()
+        self.stop_flag.restore()
 
 
 class TrainingMeter:
@@ -379,16 +385,16 @@ class TrainingMeter:
     the steps since the last row (every step counts, a skipped fp16 one too; grids and checkpoints, inside
     `paused()`, do not). master: rank 0, the one that writes."""
 
-    def __init__(self, log_path, step, steps, batch_size, time_left, budget, world, device, master):
+    def __init__(self, log_path, step, total_steps, batch_size, time_left, budget, world, device, master):
         self.batch_size, self.world, self.device, self.master = batch_size, world, device, master
-        self.log = RunLog(log_path, step) if master else None
-        self.progress = Progress(steps, "step ", time_limit=time_left, file=sys.stdout, budget=budget) \
+        self.progress = Progress(total_steps, "step ", time_limit=time_left, file=sys.stdout, budget=budget) \
             if master else None
-        self.losses, self.steps, self.skipped, self.t_log, self.note = [], 0, 0, time.time(), ""
+        self.losses, self.steps_in_row, self.skipped, self.t_log, self.note = [], 0, 0, time.time(), ""
+        self.log = RunLog(log_path, step) if master else None
 
-    def add(self, loss_value, skipped):
-        self.steps += 1
-        self.skipped += skipped
+    def add(self, loss_value, step_skipped):
+        self.steps_in_row += 1
+        self.skipped += step_skipped
         if math.isfinite(loss_value):
             self.losses.append(loss_value)
 
@@ -396,12 +402,12 @@ class TrainingMeter:
         """The rank-mean loss into log.csv and the progress note; starts the next row's count."""
         (mean_loss,) = over_ranks([sum(self.losses) / max(len(self.losses), 1)], "mean", self.world,
                                   self.device)
-        images_per_s = self.batch_size * self.steps / max(time.time() - self.t_log, 1e-9)
+        images_per_s = self.batch_size * self.steps_in_row / max(time.time() - self.t_log, 1e-9)
         self.note = (f" | loss {mean_loss:.4f} | {images_per_s:.0f} img/s | lr {lr:.2e}"
                      + (f" | {self.skipped} fp16 steps skipped" if self.skipped else ""))
         if self.master:
             self.log.write(step, mean_loss, lr, images_per_s, wall)
-        self.losses, self.steps, self.t_log = [], 0, time.time()
+        self.losses, self.steps_in_row, self.t_log = [], 0, time.time()
 
     def show(self, step, force):
         if self.master:

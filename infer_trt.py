@@ -33,8 +33,8 @@ from checkpoint import (check_sidecar, checkpoint_or_shipped, class_names_of, co
 from cli import UserError, pick_device
 from diffusion import GaussianDiffusion
 from guard import check_writable, refuse_overwrite
-from recipe import ENGINE_NAME, ONNX_NAME, SHIPPED_EXPORT_DIR
-from sample import label_table_path, pixel_difference, sample_args, save_labelled_grid
+from recipe import ENGINE_NAME, ONNX_NAME, SHIPPED_EXPORT_DIR, sampling_values
+from sample import draw_labelled, label_table_path, pixel_difference, save_labelled_grid
 
 # --compare's verdict: the largest pixel difference (of 255 grey levels) allowed against PyTorch fp32. An fp32
 # graph computes what PyTorch does up to rounding; the fp16 ones (engine, model_fp16.onnx) round to fp16.
@@ -112,12 +112,12 @@ class Timed:
         return 1000 * self.seconds / max(self.calls, 1)
 
 
-def run_sampler(fn, diffusion, model_config, class_names, args):
-    """All images, drawn as sample.py draws them (sample.sample_args), the labels, the seconds it took and
-    the timed model call (ms per call, largest output)."""
+def run_sampler(fn, diffusion, model_config, class_names, sampling):
+    """All images, drawn as sample.py draws them (sample.draw_labelled with the sampling flags' values), the
+    labels, the seconds it took and the timed model call (ms per call, largest output)."""
     timed = Timed(fn, fn.device)
     start = time.perf_counter()
-    images, labels = sample_args(args, timed, diffusion, model_config, class_names, fn.device)
+    images, labels = draw_labelled(timed, diffusion, model_config, class_names, fn.device, **sampling)
     return images, labels, time.perf_counter() - start, timed
 
 
@@ -139,7 +139,8 @@ def main(argv=None):
     diffusion = GaussianDiffusion(diffusion_config)
     class_names = class_names_of(fn.meta, model_config)
 
-    images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, args)
+    sampling = sampling_values(args)
+    images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, sampling)
     save_labelled_grid(images, labels, class_names, args.out, args.nrow)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
     print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, "
@@ -151,7 +152,7 @@ def main(argv=None):
         model, _, _, _ = model_from_checkpoint(compare_ckpt, pick_device(args.device),
                                                use_ema=weights == "ema")
         ref_images, _, ref_seconds, ref = run_sampler(TorchBackend(model), diffusion, model_config,
-                                                      class_names, args)
+                                                      class_names, sampling)
         diff, tolerance = (pixel_difference(images, ref_images),
                            PIXEL_TOLERANCE[fn.meta.get("precision", "fp32")])
         verdict = "PASS" if diff["float"] <= tolerance else "FAIL"

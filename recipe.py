@@ -11,6 +11,7 @@ which takes seconds, so `--help` and a mistyped flag answer at once.
 """
 import argparse
 import dataclasses
+import os
 from typing import Optional
 
 from cli import (ArgumentParser, UserError, fraction, minutes_list, nonnegative_float, nonnegative_int,
@@ -52,9 +53,8 @@ GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16
 class TrainSettings:
     """Every knob of train.py, in the order of its flags (None: decided by for_device)."""
     # the model: a dit.py preset, optionally resized
-    model: Optional[str] = None         # GPU_MODEL on a GPU, CPU_MODEL on a CPU:
-                                        # what each trains in its budget
-    hidden_size: Optional[int] = None   # the size flags override the preset's, for quick experiments
+    model: Optional[str] = None         # GPU_MODEL or CPU_MODEL: the largest that learns in each budget
+    hidden_size: Optional[int] = None   # the size flags resize the preset, for quick experiments
     depth: Optional[int] = None
     num_heads: Optional[int] = None
     patch_size: Optional[int] = None
@@ -66,36 +66,35 @@ class TrainSettings:
     # the optimisation
     batch_size: Optional[int] = None    # GPU_BATCH fills a T4; CPU_BATCH gives a CPU more steps per minute
     steps: Optional[int] = None         # GPU_STEPS on a GPU; a CPU is bounded by max_minutes instead
-    lr: float = 1e-3                    # stable for these small models with warm-up and clipping;
-                                        # 2e-4 is slower
-    warmup: int = 200                   # AdamW's first steps are large: ramp the rate up
+    lr: float = 1e-3                    # the best of the CPU recipes measured (docs/results.md)
+    warmup: int = 200                   # AdamW's first updates are large: ramp the rate up
     grad_clip: float = 1.0              # guards the early steps against spikes
-    # the diffusion (equal to DiffusionConfig's defaults: a test keeps them so)
-    prediction: str = "x0"              # x0 learns MNIST's sharp strokes in fewer steps than eps
-                                        # (docs/results.md)
+    # the diffusion: these six equal DiffusionConfig's defaults (a test keeps them so)
+    prediction: str = "x0"              # x0 draws digits in CPU minutes, eps does not (docs/results.md)
     schedule: str = "linear"            # DDPM's: 1e-4 -> 0.02 over T = 1000, the lesson's
     num_timesteps: int = 1000
     timesteps: str = "uniform"          # DDPM's uniform draw of t
-    loss_weight: str = "none"           # plain MSE on the prediction
-    snr_gamma: float = 5.0              # Min-SNR's gamma (Hang et al. 2023)
-    learn_sigma: bool = False           # fixed variances sample as well at the step counts we use
+    loss_weight: str = "none"           # plain MSE on the prediction, DDPM's L_simple
+    snr_gamma: float = 5.0              # Min-SNR's gamma (Hang et al. 2023), when a weighting is chosen
+    # the model's conditioning and the weights that sample
+    learn_sigma: bool = False           # fixed variances: L_simple alone; True adds IDDPM's hybrid loss
     label_dropout: float = 0.1          # trains the null class that classifier-free guidance needs
-    ema_decay: float = 0.999            # short runs: a longer average (0.9999) would still hold the init
-    lesson_recipe: bool = False
+    ema_decay: float = 0.999            # a short run's average: the paper's 0.9999 would still hold the init
+    lesson_recipe: bool = False         # LESSON_RECIPE in place of these defaults, to compare with the lesson
     # the run
     out: Optional[str] = None           # None: runs/<model>-<dataset>
-    resume: Optional[str] = None
-    device: Optional[str] = None
-    seed: int = 0
+    resume: Optional[str] = None        # a checkpoint, or "auto": OUT/ckpt.pt when it exists
+    device: Optional[str] = None        # None: CUDA when there is a GPU
+    seed: int = 0                       # one seed for the weights, the batches and the noise: runs repeat
     sample_every: int = 1000            # a grid now and then shows the run is learning
     sample_cfg: float = 1.0             # unguided grids show the model as it is
     ckpt_every: int = 1000              # a crash costs at most this many steps
-    snapshot_minutes: Optional[tuple] = None
-    log_every: int = 50
+    snapshot_minutes: Optional[tuple] = None   # timed copies of the checkpoint: a quality-versus-time curve
+    log_every: int = 50                 # often enough for a curve, rarely enough to cost nothing
     amp: str = "auto"                   # bf16 where the GPU has it, fp16 + GradScaler on a T4, fp32 on a CPU
     compile: str = "auto"               # torch.compile where it pays back its compile time
-    threads: Optional[int] = None
-    max_minutes: Optional[float] = None
+    threads: Optional[int] = None       # None: torch's choice, one per core
+    max_minutes: Optional[float] = None  # a wall-clock budget; CPU_MINUTES on a CPU without --steps
     ddp_timeout: float = 300            # long enough for a checkpoint or a grid on rank 0
 
 
@@ -186,7 +185,7 @@ def parse_train_args(argv):
     return settings
 
 
-def for_device(s, cuda, world, have_compiler):
+def for_device(s, cuda, have_compiler):
     """The defaults that depend on the device -> (settings, notes to print). A CPU gets the small model at
     batch 32 for half an hour, not the GPU's 30k steps (most of a day on a CPU); torch.compile where it pays
     back. have_compiler: a C++ compiler for torch.compile's CPU backend was found."""
@@ -211,16 +210,20 @@ def for_device(s, cuda, world, have_compiler):
             compile = "off"
             notes.append("no C++ compiler found for torch.compile (install g++ or set $CXX): training "
                          "without --compile")
-    elif compile == "on" and not cuda and not have_compiler:
-        raise UserError("--compile needs a C++ compiler on a CPU (install g++ or set $CXX), or pass "
-                        "--compile off")
     model = s.model or (GPU_MODEL if cuda else CPU_MODEL)
     batch_size = s.batch_size or (GPU_BATCH if cuda else CPU_BATCH)
     resolved = dataclasses.replace(s, model=model, batch_size=batch_size, steps=steps,
                                    max_minutes=max_minutes, compile=compile)
-    if resolved.batch_size % world:
-        raise UserError(f"--batch-size {resolved.batch_size} is not divisible by the {world} DDP processes")
     return resolved, notes
+
+
+def check_for_device(s, cuda, world, have_compiler):
+    """Refuse resolved settings this machine cannot run, each with a one-line error."""
+    if s.compile == "on" and not cuda and not have_compiler:
+        raise UserError("--compile needs a C++ compiler on a CPU (install g++ or set $CXX), or pass "
+                        "--compile off")
+    if s.batch_size % world:
+        raise UserError(f"--batch-size {s.batch_size} is not divisible by the {world} DDP processes")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,6 +262,15 @@ def add_sampling_args(parser, default_out):
     a("--out", default=default_out, help="PNG grid to write; the label names go beside it as .txt")
     a("--device", default=None, help="cpu, cuda, cuda:N for PyTorch (None: cuda if available)")
     a("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's, one per core)")
+
+
+SAMPLING_VALUES = ("labels", "num_samples", "label_order", "seed", "sampler", "steps", "cfg_scale", "eta",
+                   "thresholding", "batch_size")      # what sample.draw_labelled takes
+
+
+def sampling_values(args):
+    """The parsed sampling flags that choose the images, as sample.draw_labelled's keyword arguments."""
+    return {k: getattr(args, k) for k in SAMPLING_VALUES}
 
 
 def check_sampling_args(args):
@@ -309,6 +321,9 @@ def parse_infer_args(argv):
 #                                            Export
 # ----------------------------------------------------------------------------------------------
 
+# The trained model the repository ships (train.py's CPU default, EMA weights; its record is in the file and
+# in docs/results.md): what the sampling, export and measuring scripts use when --ckpt is not given.
+SHIPPED_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "dit-t4-mnist.pt")
 SHIPPED_EXPORT_DIR = "runs/shipped"   # export.py's folder for the shipped model, outside the tracked files
 EXPERIMENTAL_OPSET = 23  # emits ONNX Attention nodes,
                          # which TensorRT's ONNX importer has handled only recently

@@ -33,7 +33,7 @@ from checkpoint import checkpoint_or_shipped, model_from_checkpoint
 from cli import Progress, UserError, pick_device
 from data import to_uint8
 from guard import atomic_write, check_writable, refuse_overwrite
-from recipe import DEFAULT_NUM_SAMPLES
+from recipe import DEFAULT_NUM_SAMPLES, sampling_values
 
 # ----------------------------------------------------------------------------------------------
 #                                   Labels: text <-> classes
@@ -129,14 +129,16 @@ def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sample
     return torch.cat(images)
 
 
-def sample_args(args, model_fn, diffusion, model_config, class_names, device):
-    """The sampling flags' images: --seed's generator, the labels, then draw_samples -> (images, labels)."""
-    generator = torch.Generator().manual_seed(args.seed)
-    labels = choose_labels(args.labels, args.num_samples, args.label_order, class_names, generator)
-    images = draw_samples(model_fn, diffusion, model_config, labels, generator, sampler=args.sampler,
-                          steps=args.steps, cfg_scale=args.cfg_scale, eta=args.eta,
-                          thresholding=args.thresholding, batch_size=args.batch_size, device=device)
-    return images, labels
+def draw_labelled(model_fn, diffusion, model_config, class_names, device, *, labels, num_samples, label_order,
+                  seed, sampler, steps, cfg_scale, eta, thresholding, batch_size):
+    """What the sampling flags ask for (recipe.sampling_values): the labels, then their images from one
+    generator seeded with `seed` -> (images, labels)."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = choose_labels(labels, num_samples, label_order, class_names, generator)
+    images = draw_samples(model_fn, diffusion, model_config, chosen, generator, sampler=sampler, steps=steps,
+                          cfg_scale=cfg_scale, eta=eta, thresholding=thresholding, batch_size=batch_size,
+                          device=device)
+    return images, chosen
 
 
 def save_labelled_grid(images, labels, class_names, out, nrow):
@@ -194,7 +196,8 @@ def main(argv=None):
                      {"--ckpt": ckpt_path})
     model, diffusion, class_names, ckpt = model_from_checkpoint(ckpt_path, device, use_ema=not args.no_ema)
     model_fn = TorchBackend(model, PRECISION_DTYPES[args.precision])
-    images, labels = sample_args(args, model_fn, diffusion, model.config, class_names, device)
+    images, labels = draw_labelled(model_fn, diffusion, model.config, class_names, device,
+                                   **sampling_values(args))
     txt_path = save_labelled_grid(images, labels, class_names, args.out, args.nrow)
     weights = "raw" if args.no_ema else "EMA"
     print(f"{len(labels)} samples from {ckpt_path} (step {ckpt.get('step', '?')}, {weights} weights), "

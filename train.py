@@ -41,9 +41,9 @@ from checkpoint import (checkpoint_to_resume, config_dict, load_for_resume, rest
 from cli import UserError, has_fast_bf16, pick_device
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, PRESETS, count_parameters
-from guard import (RunLock, TrainingGuard, TrainingMeter, disk_full, peer_lost, remove_if_unused,
-                   resume_command, rng_states, run_folder, setup_ddp)
-from recipe import GRID_ROWS, GRID_SEED, GRID_STEPS, for_device
+from guard import (RunLock, TrainingGuard, TrainingMeter, disk_full, peer_lost, make_run_folder,
+                   remove_if_unused, resume_command, rng_states, setup_ddp)
+from recipe import GRID_ROWS, GRID_SEED, GRID_STEPS, check_for_device, for_device
 from sample import draw_samples, save_grid
 
 # ----------------------------------------------------------------------------------------------
@@ -107,10 +107,11 @@ def configure(settings, world, device, say):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if settings.model is not None and settings.model not in PRESETS:
         raise UserError(f"unknown --model {settings.model!r}; choose one of {', '.join(PRESETS)}")
-    settings, notes = for_device(settings, device.type == "cuda", world,
-                                 have_compiler=cpp_compiler() is not None)
+    cuda, have_compiler = device.type == "cuda", cpp_compiler() is not None
+    settings, notes = for_device(settings, cuda, have_compiler)
     for note in notes:
         say(note)
+    check_for_device(settings, cuda, world, have_compiler)      # after the notes, which say what was chosen
     return settings
 
 
@@ -235,12 +236,12 @@ def train(s, out, rank, world, device):
             with autocast():
                 loss = diffusion.training_loss(net, x0, y, t=t, noise=noise)["loss"]
             loss_value = loss.item()
-            skipped = optimizer_step(loss, model, optimizer, scaler, s.grad_clip)
+            step_skipped = optimizer_step(loss, model, optimizer, scaler, s.grad_clip)
             update_ema(ema, model, s.ema_decay, step)
             step += 1
             # NaN, signal, time limit, snapshot: decided together on all ranks, before anything is saved
             guard.after_step(step, loss_value, fp16=scaler is not None)
-            meter.add(loss_value, skipped)
+            meter.add(loss_value, step_skipped)
             end = guard.stopping or step == s.steps
             wall = guard.wall()
             log_row = end or every(step, s.log_every)
@@ -254,9 +255,9 @@ def train(s, out, rank, world, device):
                     sample_grid(ema, diffusion, config, device, grid_path, s.sample_cfg)
                 if end or every(step, s.ckpt_every):
                     save(step, wall)
-                    guard.saved(ckpt_path, step)
+                    guard.checkpoint_saved(ckpt_path, step)
                 if guard.snapshot_due:
-                    save(step, wall, guard.snapshot_path())
+                    save(step, wall, guard.take_snapshot())
             if guard.stopping:
                 break
         # ========================================================================================
@@ -270,7 +271,7 @@ def train(s, out, rank, world, device):
             meter.close()
     say(f"{guard.why_stopped(step, s.steps)} at step {step} ({guard.wall() / 60:.1f} min in all); "
         f"checkpoint {ckpt_path}, grids in {os.path.join(out, 'samples')}")
-    return guard.signals.signum, step < s.steps
+    return guard.signum, step < s.steps
 
 
 def default_out(model, dataset):
@@ -285,8 +286,8 @@ def main(argv=None):
     out = None
     try:
         settings = configure(settings, world, device, print if rank == 0 else (lambda *a, **k: None))
-        out, created = run_folder(settings.out or default_out(settings.model, settings.dataset),
-                                  settings.data_dir)
+        out = settings.out or default_out(settings.model, settings.dataset)
+        created = make_run_folder(out, settings.data_dir)
         try:
             with RunLock(out) if rank == 0 else contextlib.nullcontext():
                 signum, unfinished = train(settings, out, rank, world, device)

@@ -282,7 +282,8 @@ def test_score_per_class_zero_is_one_line(capsys, monkeypatch):
 
 # ---------------------------------------------------------------- the command lines themselves
 
-SCRIPTS = ("train.py", "sample.py", "export.py", "infer_trt.py", "tools/evaluate.py", "tools/bench.py")
+SCRIPTS = ("train.py", "sample.py", "export.py", "infer_trt.py", "tools/evaluate.py", "tools/bench.py",
+           "tools/plot_curve.py", "tools/ship_checkpoint.py")
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

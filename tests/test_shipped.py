@@ -15,6 +15,7 @@ import cli
 import export
 import infer_trt
 import plot_curve
+import recipe
 import sample
 import ship_checkpoint
 import train
@@ -35,7 +36,7 @@ def run(main, argv):
 
 
 def test_the_shipped_model_is_sampling_only_and_carries_its_record():
-    assert checkpoint.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
+    assert recipe.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
     ckpt = checkpoint.load_checkpoint(SHIPPED)                      # checksummed
     assert ckpt["sampling_only"] and "optimizer" not in ckpt and "ema" not in ckpt
     assert ckpt["class_names"] == [str(d) for d in range(10)] and ckpt["dataset"] == "mnist"

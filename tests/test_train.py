@@ -169,6 +169,10 @@ def test_lesson_recipe_sets_the_lesson_flags():
     assert (args.model, args.prediction, args.lr, args.warmup, args.label_dropout) == ("DiT-S/8", "eps", 2e-4, 0, 0.2)
     assert (args.timesteps, args.batch_size) == ("uniform", 128)
     assert recipe.parse_train_args(["--lesson-recipe", "--lr", "1e-4"]).lr == 1e-4    # explicit flags still win
+    # however typed: abbreviated, with =, or equal to the usual default (which the lesson's would replace)
+    assert recipe.parse_train_args(["--lesson-recipe", "--pred", "x0"]).prediction == "x0"
+    assert recipe.parse_train_args(["--lesson-recipe", "--batch-size=64"]).batch_size == 64
+    assert recipe.parse_train_args(["--warmup", "200", "--lesson-recipe"]).warmup == 200
     assert recipe.parse_train_args([]).model is None and recipe.parse_train_args([]).prediction == "x0"
 
 
@@ -255,3 +259,20 @@ def test_snapshots_keep_the_checkpoint_at_each_minute_mark(tmp_path, capsys):
     with pytest.raises(SystemExit):
         recipe.parse_train_args(["--snapshot-minutes", "30,10"])
     assert "give increasing minutes" in capsys.readouterr().err
+
+
+def test_images_per_s_counts_every_step_also_a_skipped_fp16_one(tmp_path, monkeypatch):
+    """log.csv's images/s is batch x steps since the last row: a step whose fp16 loss was inf (skipped by the
+    GradScaler) took as long as any other, so it counts; the mean loss is over the finite losses."""
+    import guard
+    now = [100.0]
+    monkeypatch.setattr(guard.time, "time", lambda: now[0])
+    meter = guard.TrainingMeter(str(tmp_path / "log.csv"), 0, 10, 8, None, None, 1, torch.device("cpu"), True)
+    for loss, skipped in ((0.5, False), (float("inf"), True), (0.3, False), (0.4, False)):
+        meter.add(loss, skipped)
+    now[0] = 102.0                                                   # 4 steps in 2 s
+    meter.write_row(4, 1e-3, 2.0)
+    meter.close()
+    (row,) = log_rows(str(tmp_path))
+    assert float(row["images_per_s"]) == 8 * 4 / 2 and float(row["loss"]) == pytest.approx(0.4)
+    assert "1 fp16 steps skipped" in meter.note

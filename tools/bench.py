@@ -45,6 +45,7 @@ from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig, PRESETS, count_parameters
 from export import export_onnx
 from guard import atomic_write, check_writable, refuse_overwrite
+from sample import draw_samples
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
@@ -143,13 +144,11 @@ def bench_evaluations(fns, model, batch_sizes, args, device, sync):
 
 
 def sample_digits(fn, diffusion, config, args, device, sampler, steps):
-    """args.digits images (labels 0, 1, 2, ...) from fixed noise: the same start for every backend."""
-    shape = (args.digits, *config.image_shape)
-    noise = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(args.digits) % config.num_classes
-    return diffusion.sample(fn, shape, y, sampler=sampler, steps=steps, cfg_scale=args.cfg_scale,
-                            null_class=config.null_class, noise=noise,
-                            generator=torch.Generator().manual_seed(1), device=device)
+    """args.digits images (labels 0, 1, 2, ...) as sample.py draws them, from seed 0: the same start for
+    every backend."""
+    labels = [i % config.num_classes for i in range(args.digits)]
+    return draw_samples(fn, diffusion, config, labels, torch.Generator().manual_seed(0), sampler=sampler,
+                        steps=steps, cfg_scale=args.cfg_scale, batch_size=args.digits, device=device)
 
 
 def bench_sampling(fns, model, diffusion, args, device, sync):

@@ -156,22 +156,6 @@ def load_npz(path):
     return images.contiguous(), torch.from_numpy(np.asarray(labels)).long()
 
 
-def read_score(path, required, flag=""):
-    """A score written by `evaluate.py score --out-json` that holds the keys `required`; else a one-line error
-    (flag: how the caller's command line names the file, e.g. "--scores ")."""
-    try:
-        with open(path) as f:
-            score = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag}{path}: not a readable JSON file ({e}); pass evaluate.py score --out-json "
-                        f"files")
-    missing = [k for k in required if k not in score] if isinstance(score, dict) else list(required)
-    if missing:
-        raise UserError(f"{flag}{path} is not a score of a checkpoint (it lacks {', '.join(missing)}); pass "
-                        f"evaluate.py score --ckpt ... --out-json files")
-    return score
-
-
 def describe(r):
     """One score as printable lines."""
     per = "  ".join(f"{c}:{a:.1%}" for c, a in enumerate(r["per_class_accuracy"]) if a is not None)

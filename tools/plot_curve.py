@@ -16,26 +16,17 @@ import json
 import os
 import sys
 
-if __package__ in (None, ""):          # run from tools/: the repository's modules sit one folder up
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):          # run as a script: the repository's modules, one folder up, and ours
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
+
+from tool_flags import parse_plot_curve_args, read_score
+from cli import UserError, run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_plot_curve_args(sys.argv[1:]))   # --help answers before PyTorch loads
 
 from checkpoint import load_checkpoint
-from cli import ArgumentParser, UserError, run_cli
-from evaluate import read_score
 from guard import atomic_write, refuse_overwrite
-
-
-def parse_args(argv):
-    p = ArgumentParser(description="Collect, tabulate and plot quality against training time.")
-    sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("collect", help="score JSONs (tools/evaluate.py score --out-json) -> one curve JSON")
-    c.add_argument("scores", nargs="+",
-                   help="evaluate.py score --out-json files, one per snapshot and sampler")
-    c.add_argument("--out", required=True, help="the curve JSON to write")
-    g = sub.add_parser("plot", help="curve JSON -> markdown table on stdout and a PNG")
-    g.add_argument("curve", help="the JSON written by collect")
-    g.add_argument("--out", required=True, help="the PNG to write")
-    return p.parse_args(argv)
 
 
 def setting(row):
@@ -101,7 +92,7 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_plot_curve_args(argv)
     refuse_overwrite({"--out": args.out},
                      {p: p for p in (args.scores if args.command == "collect" else [args.curve])})
     if args.command == "collect":

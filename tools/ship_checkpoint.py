@@ -13,29 +13,23 @@ import os
 import platform
 import sys
 
-if __package__ in (None, ""):          # run from tools/: the repository's modules sit one folder up
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __package__ in (None, ""):          # run as a script: the repository's modules, one folder up, and ours
+    sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
+
+from tool_flags import parse_ship_checkpoint_args, read_score
+from cli import UserError, run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_ship_checkpoint_args(sys.argv[1:]))   # --help answers before PyTorch loads
+
+import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
-from cli import ArgumentParser, UserError, run_cli
-from evaluate import read_score
 from guard import refuse_overwrite
 
 SCORE_KEYS = ("sampler", "steps", "cfg_scale", "n", "accuracy", "per_class_accuracy", "fd", "floor",
               "nfe_per_image", "wall_s", "machine")      # what a score keeps from evaluate.py's JSON
                                                          # (those it has)
-
-
-def parse_args(argv):
-    p = ArgumentParser(description="Turn a training checkpoint into the sampling-only one "
-                                   "the repository ships.")
-    p.add_argument("ckpt", help="ckpt.pt (or a ckpt_<M>min.pt snapshot) written by train.py")
-    p.add_argument("--out", required=True, help="the file to write, e.g. checkpoints/dit-t4-mnist.pt")
-    p.add_argument("--scores", nargs="*", default=[], help="JSON files of tools/evaluate.py score --out-json")
-    p.add_argument("--command", required=True, help="the training command that made the run, as typed")
-    p.add_argument("--commit", required=True, help="the git commit the run was trained from")
-    p.add_argument("--machine", default=None, help="where it trained (default: this machine's CPU and cores)")
-    return p.parse_args(argv)
 
 
 def this_machine():
@@ -52,13 +46,12 @@ def kept(score):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_ship_checkpoint_args(argv)
     refuse_overwrite({"--out": args.out}, {"ckpt": args.ckpt, **{f"--scores {p}": p for p in args.scores}})
     ckpt = load_checkpoint(args.ckpt)
     if ckpt.get("ema") is None or "step" not in ckpt:
         raise UserError(f"{args.ckpt} has no EMA weights or step count; "
                         f"pass a checkpoint written by train.py")
-    import torch
     batch = ckpt.get("args", {}).get("batch_size")
     state = {
         "model_config": ckpt["model_config"], "diffusion_config": ckpt["diffusion_config"],

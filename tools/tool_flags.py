@@ -1,10 +1,12 @@
 """
-The command lines of tools/bench.py and tools/evaluate.py. PyTorch-free, like recipe.py for the main
-scripts, so that their --help and flag errors answer before PyTorch loads.
+The command lines of the tools (bench.py, evaluate.py, plot_curve.py, ship_checkpoint.py) and the score
+files they pass between them. PyTorch-free, like recipe.py for the main scripts, so that their --help and
+flag errors answer before PyTorch loads.
 """
+import json
 import os
 
-from cli import (ArgumentParser, nonnegative_float, nonnegative_int, number_list, positive_float,
+from cli import (ArgumentParser, UserError, nonnegative_float, nonnegative_int, number_list, positive_float,
                  positive_int)
 from recipe import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
 
@@ -125,3 +127,48 @@ def parse_evaluate_args(argv):
         p.add_argument("--classifier", default=CLASSIFIER, help="the scoring classifier's weights")
         p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (None: torch's)")
     return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+#                               plot_curve.py and ship_checkpoint.py
+# ----------------------------------------------------------------------------------------------
+
+def parse_plot_curve_args(argv):
+    p = ArgumentParser(description="Collect, tabulate and plot quality against training time.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="score JSONs (tools/evaluate.py score --out-json) -> one curve JSON")
+    c.add_argument("scores", nargs="+",
+                   help="evaluate.py score --out-json files, one per snapshot and sampler")
+    c.add_argument("--out", required=True, help="the curve JSON to write")
+    g = sub.add_parser("plot", help="curve JSON -> markdown table on stdout and a PNG")
+    g.add_argument("curve", help="the JSON written by collect")
+    g.add_argument("--out", required=True, help="the PNG to write")
+    return p.parse_args(argv)
+
+
+def parse_ship_checkpoint_args(argv):
+    p = ArgumentParser(description="Turn a training checkpoint into the sampling-only one "
+                                   "the repository ships.")
+    p.add_argument("ckpt", help="ckpt.pt (or a ckpt_<M>min.pt snapshot) written by train.py")
+    p.add_argument("--out", required=True, help="the file to write, e.g. checkpoints/dit-t4-mnist.pt")
+    p.add_argument("--scores", nargs="*", default=[], help="JSON files of tools/evaluate.py score --out-json")
+    p.add_argument("--command", required=True, help="the training command that made the run, as typed")
+    p.add_argument("--commit", required=True, help="the git commit the run was trained from")
+    p.add_argument("--machine", default=None, help="where it trained (default: this machine's CPU and cores)")
+    return p.parse_args(argv)
+
+
+def read_score(path, required, flag=""):
+    """A score written by `evaluate.py score --out-json` that holds the keys `required`; else a one-line error
+    (flag: how the caller's command line names the file, e.g. "--scores ")."""
+    try:
+        with open(path) as f:
+            score = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}{path}: not a readable JSON file ({e}); pass evaluate.py score --out-json "
+                        f"files")
+    missing = [k for k in required if k not in score] if isinstance(score, dict) else list(required)
+    if missing:
+        raise UserError(f"{flag}{path} is not a score of a checkpoint (it lacks {', '.join(missing)}); pass "
+                        f"evaluate.py score --ckpt ... --out-json files")
+    return score
