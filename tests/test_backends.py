@@ -14,6 +14,7 @@ import torch
 import checkpoint
 import recipe
 import export
+import export_checks
 import fake_trt as fake
 import infer_trt
 import backends
@@ -208,9 +209,9 @@ def test_tensorrt_engine_end_to_end(tiny, tmp_path, capsys):
     torch_fn = backends.TorchBackend(model)
     plain = backends.TrtBackend(engine, ckpt_path=tiny["ckpt"])
     graphed = backends.TrtBackend(engine, cuda_graph=True)
-    rows = export.parity(torch_fn, plain, model.config, diffusion.num_timesteps, batch_sizes=(1, 7, 16))
+    rows = export_checks.parity(torch_fn, plain, model.config, diffusion.num_timesteps, batch_sizes=(1, 7, 16))
     assert all(r["rel"] < 1e-2 for r in rows), rows
-    x, t, y = (v.cuda() for v in export.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0)))
+    x, t, y = (v.cuda() for v in export_checks.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0)))
     first = graphed(x, t, y)
     gc.collect()                                   # the graph's execution context must survive this
     assert torch.equal(first, plain(x, t, y)) and torch.equal(graphed(x, t, y), first)   # replays, same answer
@@ -487,7 +488,7 @@ def test_the_engine_check_stays_inside_the_profile_export_accepts(tiny, batch_si
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
     torch_fn = backends.TorchBackend(model)
     engine_fn = ProfileBound(torch_fn, args.max_batch)
-    rows, ddim = export.check_engine(torch_fn, engine_fn, diffusion, model.config, args.max_batch, 2, 0, "cpu")
+    rows, ddim = export_checks.check_engine(torch_fn, engine_fn, diffusion, model.config, args.max_batch, 2, 0, "cpu")
     assert max(engine_fn.batches) == max_batch and ddim["uint8"] == 0 and all(r["rel"] == 0 for r in rows)
 
 

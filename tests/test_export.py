@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import export
+import export_checks
 from cli import UserError, run_cli
 from checkpoint import config_dict, file_sha256, load_checkpoint, save_checkpoint
 from checkpoint import model_from_checkpoint
@@ -97,12 +98,12 @@ def test_export_prints_graph_size_parity_and_trt_skip(tiny):
 
 
 def test_fp16_graph_keeps_norm_and_timestep_in_fp32(tiny):
-    islands = export.fp32_islands(os.path.join(tiny["dir"], "model_fp16.onnx"))
+    islands = export_checks.fp32_islands(os.path.join(tiny["dir"], "model_fp16.onnx"))
     assert islands["LayerNormalization"] == (5, 5)        # 2 per block + the final layer
     assert islands["Sin"] == (1, 1) and islands["Cos"] == (1, 1)
     assert islands["Cast"] >= 12
     # The fp32 graph gives the check something to fail on: no Casts around its LayerNorms needed.
-    assert export.fp32_islands(os.path.join(tiny["dir"], "model.onnx"))["Cast"] < islands["Cast"]
+    assert export_checks.fp32_islands(os.path.join(tiny["dir"], "model.onnx"))["Cast"] < islands["Cast"]
 
 
 @pytest.mark.parametrize("name,precision", [("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")])
@@ -111,12 +112,12 @@ def test_onnx_runtime_matches_pytorch(tiny, name, precision):
     session = ort.InferenceSession(os.path.join(tiny["dir"], name), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(123)
     for n in (1, 5):
-        x, t, y = export.random_inputs(model.config, diffusion.num_timesteps, n, g)
+        x, t, y = export_checks.random_inputs(model.config, diffusion.num_timesteps, n, g)
         with torch.no_grad():
             ref = model(x, t, y)
         out = session.run(["out"], {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
         assert out.dtype == np.float32 and out.shape == (n, 2, 16, 16)
-        e = export.errors(ref, torch.from_numpy(out))
+        e = export_checks.errors(ref, torch.from_numpy(out))
         assert e["ref_max"] > 0.1, "a model that outputs ~0 would make the comparison meaningless"
         if precision == "fp32":
             assert e["max_abs"] < 1e-4, e
@@ -127,11 +128,11 @@ def test_onnx_runtime_matches_pytorch(tiny, name, precision):
 
 def test_tolerance_check_fails_with_clear_message():
     good = [{"batch": 1, "max_abs": 5e-5, "rel": 5e-5, "rel_l2": 1e-5, "ref_max": 1.0}]
-    export.check_tolerance(good, "fp32", "model.onnx")
+    export_checks.check_tolerance(good, "fp32", "model.onnx")
     with pytest.raises(UserError, match=r"model\.onnx differs from PyTorch by max-abs 2\.00e-03 > 1e-04 at batch 7"):
-        export.check_tolerance([{**good[0], "batch": 7, "max_abs": 2e-3}], "fp32", "model.onnx")
+        export_checks.check_tolerance([{**good[0], "batch": 7, "max_abs": 2e-3}], "fp32", "model.onnx")
     with pytest.raises(UserError, match=r"rel 3\.00e-02 > 1e-02"):
-        export.check_tolerance([{**good[0], "rel": 3e-2}], "fp16", "model_fp16.onnx")
+        export_checks.check_tolerance([{**good[0], "rel": 3e-2}], "fp16", "model_fp16.onnx")
 
 
 def test_sidecars_record_source_and_checks(tiny):
@@ -158,7 +159,7 @@ def test_activation_peaks_are_the_block_outputs():
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
     outputs = []
     handle = model.blocks[1].register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
-    with torch.no_grad(), export.activation_peaks(model) as peaks:
+    with torch.no_grad(), export_checks.activation_peaks(model) as peaks:
         model(x, t, y)
     handle.remove()
     assert set(peaks) == {0, 1} and peaks[1][0] == pytest.approx(outputs[0])
@@ -180,7 +181,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, tiny):
 
 def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
-    monkeypatch.setattr(export, "FP32_ATOL", -1.0)         # every graph now "differs"
+    monkeypatch.setattr(export_checks, "FP32_ATOL", -1.0)         # every graph now "differs"
     err = cli_error(capsys, export.main, ["--ckpt", ckpt])
     assert "model.onnx differs from PyTorch" in err and "do not deploy it" in err
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"], "a failed export must leave no ONNX, sidecar or temp folder"
@@ -196,10 +197,10 @@ def test_fp16_graph_computed_in_fp16_matches_pytorch(tiny):
     from checkpoint import load_sidecar
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
     path = os.path.join(tiny["dir"], "model_fp16.onnx")
-    row = export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
+    row = export_checks.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
     heavy = sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in onnx.load(path).graph.node)
     assert row["matmuls_in_fp16"] == f"{heavy}/{heavy}" and heavy > 10
-    assert 1e-5 < row["rel"] < export.FP16_RTOL and row["ref_max"] > 0.1       # fp16 rounding, within tolerance
+    assert 1e-5 < row["rel"] < export_checks.FP16_RTOL and row["ref_max"] > 0.1       # fp16 rounding, within tolerance
     ort_rel = load_sidecar(path)["checks"]["ort_vs_torch"][0]["rel"]
     assert row["rel"] > ort_rel, "fp16 arithmetic must err more than ORT's fp32 arithmetic on the same graph"
     assert load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"]["matmuls_in_fp16"] == row["matmuls_in_fp16"]
@@ -214,7 +215,7 @@ def test_fp16_arithmetic_catches_an_overflow(tmp_path):
     with torch.no_grad():
         model.x_embedder.weight.mul_(1e6)             # fp16 weights up to ~5e4, their sums past 65504
     path = str(tmp_path / "model_fp16.onnx")
-    example = export.random_inputs(model.config, 1000, 2, torch.Generator().manual_seed(0))
+    example = export_checks.random_inputs(model.config, 1000, 2, torch.Generator().manual_seed(0))
     export.export_onnx(LowPrecision(model, torch.float16), path, example, 20)
     with pytest.raises(UserError, match="computed in fp16 gives inf or NaN"):
-        export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
+        export_checks.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0)
