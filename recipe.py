@@ -6,7 +6,7 @@ PyTorch-free on purpose: the scripts parse their flags with this module before t
 which takes seconds, so `--help` and a mistyped flag answer at once.
 
     TrainSettings     train.py's knobs, one line of why each (nanoGPT's config block)
-    for_device        the GPU/CPU defaults, resolved by one pure function
+    for_device        the GPU/CPU defaults, resolved by one pure function (check_for_device: what cannot run)
     *_parser          the flags of train.py, sample.py, infer_trt.py and export.py
 """
 import argparse
@@ -44,7 +44,7 @@ GPU_STEPS, CPU_MINUTES = 30_000, 30   # the default budgets: the lesson's T4 run
 GPU_BATCH, CPU_BATCH = 128, 32        # on a CPU, images/s fall far less than the batch:
                                       # a small one gives more steps
 LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", batch_size=128, lr=2e-4, warmup=0, label_dropout=0.2)
-COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # CPU compile takes ~20 s and then saves ~15 % of each step
+COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # a CPU compile pays back its start-up only in long runs
 # The progress grids: fixed noise, DDIM 25 steps, so grids compare across steps; a row per class, at most 16.
 GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16
 
