@@ -34,12 +34,13 @@ import torch
 from cli import UserError, first_line
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
-from guard import atomic_write, remove_stale_temp_files
+from guard import atomic_write, remove_stale_temp_files, same_file
 from recipe import SHIPPED_CKPT
 
 CHECKPOINT_FORMAT = "dit-checkpoint"
 CHECKPOINT_VERSION = 2          # version 2 carries the checksum; version 1 files (without one) still load
 RESUME_KEYS = ("ema", "optimizer", "step", "rng")
+
 
 def checkpoint_or_shipped(path):
     """--ckpt as given, or (None) the shipped checkpoint, said in one line on stderr."""
@@ -192,8 +193,7 @@ def checkpoint_to_resume(resume, ckpt_path, say):
     """--resume PATH, or auto (OUT/ckpt.pt if it exists), or None -> the file to resume or None. A run folder
     that holds a checkpoint is never started over."""
     path = ckpt_path if resume == "auto" else resume
-    if os.path.exists(ckpt_path) and not (path and os.path.exists(path)
-                                          and os.path.samefile(path, ckpt_path)):
+    if os.path.exists(ckpt_path) and not (path and same_file(path, ckpt_path)):
         raise UserError(f"{ckpt_path} exists: this folder holds a run; continue it with --resume auto, "
                         f"or pass another --out for a new one")
     if resume == "auto" and not os.path.exists(ckpt_path):

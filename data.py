@@ -406,7 +406,6 @@ def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
     return images_uint8.float() / 127.5 - 1
 
 
-
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] -> uint8 [0, 255], same shape (to_model_range's inverse); samples overshoot
     a little, so clamp first."""
