@@ -19,6 +19,7 @@ calls can crash the process instead of raising.
 
 Read top to bottom:  PyTorch -> ONNX Runtime -> CUDA graphs -> TensorRT -> opening a backend.
 """
+import contextlib
 import copy
 import importlib.util
 import math
@@ -56,9 +57,23 @@ class LowPrecision(nn.Module):
         return self.model(x.to(next(self.model.parameters()).dtype), t, y).float()
 
 
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block, as before it afterwards.
+    TF32 rounds fp32 inputs to 10 mantissa bits: free speed in training, but a comparison's fp32 reference
+    must be IEEE fp32 (cuDNN allows TF32 by default, so it is turned off explicitly)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 class TorchBackend:
-    """The PyTorch model, eager: the reference every other backend is compared against.
-    dtype bf16/fp16: a low-precision copy of the weights (LowPrecision). meta: the checkpoint it came from."""
+    """The PyTorch model, eager: the reference every other backend is compared against, so its fp32 is IEEE
+    fp32 (no TF32, whatever the process set). dtype bf16/fp16: a low-precision copy of the weights
+    (LowPrecision). meta: the checkpoint it came from."""
 
     def __init__(self, model, dtype=None, meta=None):
         self.net = model.eval() if dtype in (None, torch.float32) else LowPrecision(model, dtype)
@@ -68,7 +83,8 @@ class TorchBackend:
     @torch.no_grad()
     def __call__(self, x, t, y):
         d = self.device
-        return self.net(x.to(d, torch.float32), t.to(d), y.to(d)).float()
+        with tf32(False):
+            return self.net(x.to(d, torch.float32), t.to(d), y.to(d)).float()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,18 +225,41 @@ TRT_MISSING = "TensorRT is not installed (pip install -r requirements-gpu.txt on
 
 def trt_unavailable_reason():
     """None when TensorRT can be used here, else why not. TensorRT is imported only where a CUDA device
-    exists (its calls can crash the process without one), and a package that is found but does not
-    import (e.g. the bindings wheel without its libraries wheel) counts as unavailable."""
+    exists (its calls can crash the process without one). A package that is found but does not import
+    (e.g. the bindings wheel without its libraries wheel), or that imports but cannot start on this CUDA
+    driver (a trial Runtime), counts as unavailable."""
     if importlib.util.find_spec("tensorrt") is None:
         return TRT_MISSING
     if not torch.cuda.is_available():
         return "no CUDA GPU is available, and TensorRT needs one"
     try:
-        import tensorrt  # noqa: F401
+        import tensorrt as trt
     except Exception as e:   # ImportError, or OSError from a library the bindings load
         return (f"TensorRT is installed but does not import ({first_line(e)}); reinstall it from "
                 f"requirements-gpu.txt")
+    try:
+        with starting_tensorrt(trt):
+            trt.Runtime(trt_logger(trt))
+    except UserError as e:
+        return str(e)
     return None
+
+
+@contextlib.contextmanager
+def starting_tensorrt(trt):
+    """Around trt.Runtime(...) or trt.Builder(...). Where TensorRT cannot initialise CUDA (a driver older than
+    the CUDA its wheel was built for: tensorrt-cu13 needs R580 or newer), the bindings' factory returns
+    nullptr and pybind11 raises TypeError "pybind11::init(): factory function returned nullptr"
+    (NVIDIA/TensorRT#2913): that becomes one line naming the mismatch."""
+    try:
+        yield
+    except TypeError as e:
+        if "nullptr" not in str(e):
+            raise
+        raise UserError(f"TensorRT {trt.__version__} cannot start on this machine's CUDA driver, which "
+                        f"PyTorch (CUDA {torch.version.cuda}) can use ({first_line(e)}): update the NVIDIA "
+                        f"driver (tensorrt-cu13 needs R580 or newer) or install tensorrt-cu12==11.4.* for a "
+                        f"CUDA 12 driver") from None
 
 
 def import_tensorrt():
@@ -283,7 +322,8 @@ class TrtBackend:
             raise UserError(f"TensorRT runs on a CUDA GPU, not on {self.device}; "
                             f"pass --device cuda or cuda:N")
         trt = import_tensorrt()
-        self.runtime = trt.Runtime(trt_logger(trt))        # must outlive the engine
+        with starting_tensorrt(trt):
+            self.runtime = trt.Runtime(trt_logger(trt))    # must outlive the engine
         with open(engine_path, "rb") as f, torch.cuda.device(self.device):
             self.engine = self.runtime.deserialize_cuda_engine(f.read())
         if self.engine is None:

@@ -120,9 +120,14 @@ def _table(values):
     return torch.from_numpy(np.asarray(values, dtype=np.float64))
 
 
+def _gather64(table, t, x):
+    """table[t] as a float64 column broadcastable against x: (N,) -> (N, 1, 1, 1)."""
+    return table.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+
+
 def _gather(table, t, x):
     """table[t] as a float32 column broadcastable against x: (N,) -> (N, 1, 1, 1)."""
-    return table.to(x.device)[t].float().view(-1, *([1] * (x.dim() - 1)))
+    return _gather64(table, t, x).float()
 
 
 class GaussianDiffusion:
@@ -143,8 +148,9 @@ class GaussianDiffusion:
                 betas = cosine_betas(config.num_timesteps)
             else:
                 raise ValueError(f"unknown schedule {config.schedule!r}; expected one of {SCHEDULES}")
-        # Every table is computed once in float64 (1 - alpha_bar near t = 0 is ~1e-4: float32
-        # would lose digits) and kept as a tensor; _gather casts the picked rows to float32.
+        # Every table is computed once in float64 (1 - alpha_bar near t = 0 is ~1e-5: float32
+        # would lose digits) and kept as a tensor; _gather casts the picked rows to float32. The samplers
+        # combine rows in float64 (_gather64) and cast only the finished coefficient.
         b = np.asarray(betas, dtype=np.float64)
         alpha_bar = np.cumprod(1.0 - b)                                     # alpha_bar_t
         alpha_bar_prev = np.append(1.0, alpha_bar[:-1])                     # alpha_bar_{t-1}
@@ -155,6 +161,12 @@ class GaussianDiffusion:
         self.alphas_cumprod_prev = _table(alpha_bar_prev)
         self.sqrt_alphas_cumprod = _table(np.sqrt(alpha_bar))
         self.sqrt_one_minus_alphas_cumprod = _table(np.sqrt(1.0 - alpha_bar))
+        self.sqrt_alphas_cumprod_prev = _table(np.sqrt(alpha_bar_prev))
+        self.sqrt_one_minus_alphas_cumprod_prev = _table(np.sqrt(1.0 - alpha_bar_prev))
+        # lambda = log(alpha / sigma), half the log-SNR: DPM-Solver's time variable (+inf at alpha_bar = 1).
+        with np.errstate(divide="ignore"):
+            self.lambdas = _table(0.5 * (np.log(alpha_bar) - np.log1p(-alpha_bar)))
+            self.lambdas_prev = _table(0.5 * (np.log(alpha_bar_prev) - np.log1p(-alpha_bar_prev)))
         self.posterior_variance = _table(posterior_var)
         # beta~_0 = 0: clip the log at t = 0 to beta~_1 (IDDPM's convention). A one-step process has no
         # beta~_1; its one step is the last, which adds no noise, so beta_0 stands in.
@@ -345,10 +357,12 @@ class GaussianDiffusion:
         """DDIM Eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
         sigma = eta sqrt((1 - a_prev)/(1 - a)) sqrt(1 - a/a_prev) (Eq. 16); eta = 0 is deterministic."""
         eps = self.x0_to_eps(xt, t, x0)
-        a, a_prev = _gather(self.alphas_cumprod, t, xt), _gather(self.alphas_cumprod_prev, t, xt)
-        sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-        x_prev = torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev - sigma ** 2) * eps
-        return x_prev if noise is None else x_prev + sigma * noise
+        a, a_prev = _gather64(self.alphas_cumprod, t, xt), _gather64(self.alphas_cumprod_prev, t, xt)
+        sqrt_one_minus_prev = _gather64(self.sqrt_one_minus_alphas_cumprod_prev, t, xt)
+        sigma = eta * sqrt_one_minus_prev / torch.sqrt(1 - a) * torch.sqrt(1 - a / a_prev)
+        eps_coef = torch.sqrt(sqrt_one_minus_prev ** 2 - sigma ** 2)
+        x_prev = _gather(self.sqrt_alphas_cumprod_prev, t, xt) * x0 + eps_coef.float() * eps
+        return x_prev if noise is None else x_prev + sigma.float() * noise
 
     def dpmpp_2m_step(self, xt, x0, prev_x0, t):
         """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in the data-prediction form. With
@@ -359,16 +373,17 @@ class GaussianDiffusion:
         The last step lands on alpha_bar = 1 (sigma = 0), where x_prev = x0."""
         if int(t[0]) == 0:
             return x0
-        a_t, a_prev = _gather(self.alphas_cumprod, t, xt), _gather(self.alphas_cumprod_prev, t, xt)
-        lam = lambda a: 0.5 * torch.log(a / (1 - a))
-        h = lam(a_prev) - lam(a_t)
+        lam_t = _gather64(self.lambdas, t, xt)
+        h = _gather64(self.lambdas_prev, t, xt) - lam_t
         D = x0
         if prev_x0 is not None:
-            a_next = _gather(self.alphas_cumprod, t + 1, xt)               # the step taken before this one
-            r = (lam(a_t) - lam(a_next)) / h
-            D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-        sigma_ratio = torch.sqrt((1 - a_prev) / (1 - a_t))
-        return sigma_ratio * xt - torch.sqrt(a_prev) * torch.expm1(-h) * D
+            lam_before = _gather64(self.lambdas, t + 1, xt)               # the step taken before this one
+            half_over_r = (h / (2 * (lam_t - lam_before))).float()       # 1 / (2r)
+            D = (1 + half_over_r) * x0 - half_over_r * prev_x0
+        sigma_ratio = (_gather64(self.sqrt_one_minus_alphas_cumprod_prev, t, xt)
+                       / _gather64(self.sqrt_one_minus_alphas_cumprod, t, xt))
+        d_coef = -_gather64(self.sqrt_alphas_cumprod_prev, t, xt) * torch.expm1(-h)
+        return sigma_ratio.float() * xt + d_coef.float() * D
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ variance channels when learn_sigma). N is dynamic. TensorRT 11 has no fp16 build
 comes from the ONNX types alone (strongly typed), hence the separate fp16 graph.
 """
 import collections
+import copy
 import logging
 import os
 import re
@@ -37,12 +38,13 @@ if __name__ == "__main__":
 import torch
 
 from backends import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
-                      trt_logger, trt_unavailable_reason)
+                      starting_tensorrt, trt_logger, trt_unavailable_reason)
 from checkpoint import (checkpoint_or_shipped, config_dict, file_sha256, model_from_checkpoint,
                         write_sidecar)
-from cli import UserError, first_line
-from export_checks import (CHECK_CFG, check_engine, check_fp32_islands, check_tolerance, fixed_seed_sample,
-                           fp16_arithmetic, fp16_headroom, parity, print_parity, random_inputs)
+from cli import UserError, first_line, pick_device
+from export_checks import (CHECK_CFG, check_batches, check_engine, check_fp32_islands, check_tolerance,
+                           fixed_seed_sample, fp16_arithmetic, fp16_headroom, parity, print_parity,
+                           random_inputs)
 from guard import atomic_write, check_writable, move_into_place, refuse_overwrite, same_file
 from recipe import ENGINE_NAME, EXPERIMENTAL_OPSET, ONNX_NAME, SHIPPED_CKPT, SHIPPED_EXPORT_DIR
 from sample import pixel_difference
@@ -57,7 +59,10 @@ WRITTEN = (ONNX_NAME, FP16_ONNX_NAME, ENGINE_NAME, CACHE_NAME)
 # ----------------------------------------------------------------------------------------------
 
 def export_onnx(module, path, example, opset):
-    """torch.export-based ONNX export with a dynamic batch axis on x, t, y (and so on out)."""
+    """torch.export-based ONNX export with a dynamic batch axis on x, t, y (and so on out). The graph is
+    traced from a CPU copy of the module: tracing costs seconds, and a graph holds no device."""
+    if any(p.device.type != "cpu" for p in module.parameters()):
+        module = copy.deepcopy(module).cpu()
     batch = torch.export.Dim("batch", min=1)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed", ...
@@ -92,7 +97,8 @@ def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, 
     batches = (min, opt, max) of the optimisation profile shared by x, t and y."""
     trt = import_tensorrt()
     logger = trt_logger(trt)
-    builder = trt.Builder(logger)
+    with starting_tensorrt(trt):
+        builder = trt.Builder(logger)
     network = builder.create_network(0)                 # 11.x: always strongly typed, explicit batch
     onnx_parser = trt.OnnxParser(network, logger)
     if not onnx_parser.parse_from_file(onnx_path):      # from a file: finds model.onnx.data beside it
@@ -174,24 +180,25 @@ def export_metadata(ckpt_path, weights_flag, opset, model, diffusion, class_name
             "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, seed):
+def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, seed, max_batch):
     """Stage 1: both ONNX graphs, each checked against PyTorch in ONNX Runtime (and the fp16 one in fp16
-    arithmetic), then moved beside each other with their sidecars. Nothing is written unless all pass."""
+    arithmetic, at the batch sizes and inputs the engine check will use), then moved beside each other with
+    their sidecars. Nothing is written unless all pass."""
     config, T = model.config, diffusion.num_timesteps
     # Everything is written into a hidden temp folder and moved to out_dir only once checked.
     remove_dead_exports(out_dir)
     tmp = tempfile.mkdtemp(dir=out_dir, prefix=f".export-{os.getpid()}-")
     try:
         example = random_inputs(config, T, 2, torch.Generator().manual_seed(seed))
+        device = next(model.parameters()).device        # the checks run where the model is: the GPU if any
         torch_fn = TorchBackend(model)
         # fp16 arithmetic, op by op with fp16 results (an overflow shows as inf): PyTorch's fp16 model on this
         # machine's device. ONNX Runtime's CPU provider cannot show it: it computes fp16 nodes in fp32.
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        fp16_fn = TorchBackend(LowPrecision(model, torch.float16).to(device))
-        fp16_rows = parity(torch_fn, fp16_fn, config, T, seed=seed)
-        print_parity(f"torch fp16 ({device}) vs fp32", fp16_rows)
+        fp16_fn = TorchBackend(LowPrecision(model, torch.float16))
+        fp16_rows = parity(torch_fn, fp16_fn, config, T, batch_sizes=check_batches(max_batch), seed=seed)
+        print_parity(f"torch fp16 ({device.type}) vs fp32", fp16_rows)
         check_tolerance(fp16_rows, "fp16", f"the fp16 model on {device}")
-        peak = fp16_headroom(model, diffusion, config, verify_steps, seed)
+        peak = fp16_headroom(model, diffusion, config, verify_steps, seed, device)
         results = {}
         for name, precision in ONNX_FILES.items():
             path, start = os.path.join(tmp, name), time.time()
@@ -210,17 +217,19 @@ def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, se
             results[name] = {"precision": precision, "ort_fn": ort_fn, "parity": rows, "checks": {}}
             if precision == "fp16":
                 start = time.time()
-                row = fp16_arithmetic(path, torch_fn, config, T, seed)
-                print_parity("fp16 arithmetic", [row])
-                print(f"  ({row['matmuls_in_fp16']} MatMul/Gemm/Conv/Attention nodes computed in fp16 "
+                rows = fp16_arithmetic(path, torch_fn, config, T, seed, max_batch)
+                print_parity("fp16 arithmetic", rows)
+                print(f"  ({rows[0]['matmuls_in_fp16']} MatMul/Gemm/Conv/Attention nodes computed in fp16 "
                       f"by onnx's reference runtime, {time.time() - start:.1f} s)")
-                check_tolerance([row], "fp16", f"{name} computed in fp16 (onnx reference runtime)")
-                results[name]["checks"]["fp16_arithmetic_vs_torch"] = row
+                check_tolerance(rows, "fp16", f"{name} computed in fp16 (onnx reference runtime)")
+                results[name]["checks"]["fp16_arithmetic_vs_torch"] = rows
 
         # The same fixed-seed DDIM run through PyTorch and both ONNX graphs: what a user would see.
-        reference = fixed_seed_sample(torch_fn, diffusion, config, verify_steps, seed, CHECK_CFG)
+        reference = fixed_seed_sample(torch_fn, diffusion, config, verify_steps, seed, CHECK_CFG,
+                                      device=device)
         for name, r in results.items():
-            images = fixed_seed_sample(r["ort_fn"], diffusion, config, verify_steps, seed, CHECK_CFG)
+            images = fixed_seed_sample(r["ort_fn"], diffusion, config, verify_steps, seed, CHECK_CFG,
+                                       device=device)
             r["ddim"] = pixel_difference(reference, images)
             print(f"  DDIM {verify_steps} steps, CFG {CHECK_CFG:g}, seed {seed}, 8 images: {name} vs "
                   f"PyTorch largest pixel difference {r['ddim']['float']:.3f} / 255 "
@@ -231,7 +240,7 @@ def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, se
             write_sidecar(os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
-                           "torch_fp16_vs_fp32": {"device": device, "rows": fp16_rows},
+                           "torch_fp16_vs_fp32": {"device": device.type, "rows": fp16_rows},
                            "activation_peak": peak, **r["checks"]}})
             print(f"wrote {os.path.join(out_dir, name)} (+ .json)")
     finally:
@@ -285,14 +294,15 @@ def main(argv=None):
     out_dir = args.out_dir or (SHIPPED_EXPORT_DIR if shipped else os.path.dirname(os.path.abspath(args.ckpt)))
     outputs = WRITTEN + tuple(f + ".json" for f in WRITTEN)
     refuse_overwrite({f"--out-dir's {f}": os.path.join(out_dir, f) for f in outputs}, {"--ckpt": args.ckpt})
-    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, "cpu",
+    model, diffusion, class_names, ckpt = model_from_checkpoint(args.ckpt, pick_device(args.device),
                                                                 use_ema=args.weights == "ema")
     check_writable(os.path.join(out_dir, ONNX_NAME))
     if args.verify_steps > diffusion.num_timesteps:
         raise UserError(f"--verify-steps {args.verify_steps} exceeds the {diffusion.num_timesteps} timesteps "
                         f"the model was trained with; pass at most --verify-steps {diffusion.num_timesteps}")
     meta = export_metadata(args.ckpt, args.weights, args.opset, model, diffusion, class_names, ckpt)
-    export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed)
+    export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed,
+                        args.max_batch)
     reason = trt_unavailable_reason()
     if reason:
         print(f"TensorRT engine skipped: {reason}. The ONNX files are ready (infer_trt.py --backend ort).")

@@ -3,6 +3,16 @@ How export.py checks what it exports against the PyTorch model before writing it
 inputs (parity) within tolerances; fp16 where it is really computed (the activations' headroom, the fp16
 graph in fp16 arithmetic, the fp32 islands TensorRT must keep); a fixed-seed sampling run through each
 backend. A check that fails is a one-line UserError, and the export writes nothing.
+
+The fp16 gate is per image: every image's relative L2 error, ||out_i - ref_i|| / ||ref_i|| over its
+C x H x W outputs, must stay within FP16_TOLERANCE. One image's error does not depend on how many others
+share its batch, so the gate means the same at batch 1 and at batch 256, and one broken image still fails
+it. A maximum over every output of a batch (max|d| / max|ref|) is not that: it picks the extreme of
+256 x 1,024 rounding errors and grows with the batch. The engine check and the CPU checks of the fp16 model
+and of the fp16 graph run the same batch sizes on the same inputs (check_batches, one seed), so that what
+passes on the CPU passes the engine check for the same arithmetic. The tolerance leaves room for what
+TensorRT's kernels may add on top of that arithmetic: its fused attention accumulates in fp16 unless Q, K
+and V are upcast (TensorRT 11.3 release notes), which docs/results.md measures in an emulation.
 """
 import contextlib
 import os
@@ -17,19 +27,27 @@ from recipe import ENGINE_NAME
 from sample import draw_samples, pixel_difference
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
-FP16_RTOL = 1e-2        # max|fp16 - PyTorch fp32| / max|PyTorch fp32|
+FP16_TOLERANCE = 1e-2   # every image's ||fp16 - PyTorch fp32|| / ||PyTorch fp32|| (see the docstring)
 FP16_MAX = 65504.0      # largest finite fp16
 FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
 CHECK_CFG = 2.0         # guidance of the fixed-seed check runs: a doubled batch, as in sampling
 
 
+def check_batches(max_batch):
+    """The batch sizes every fp16 check runs: 1, 7 and the engine profile's largest, max_batch."""
+    return sorted({1, min(7, max_batch), max_batch})
+
+
 def errors(ref, out):
-    """max-abs, relative (max|d| / max|ref|) and relative L2 (||d|| / ||ref||) error of out against ref."""
+    """Errors of out against ref: max-abs, relative (max|d| / max|ref|), relative L2 over the batch
+    (||d|| / ||ref||) and the largest relative L2 of one image (the fp16 gate)."""
     out, ref = out.double().cpu(), ref.double().cpu()
     d = out - ref
-    scale, norm = ref.abs().max().item(), ref.double().norm().item()
+    scale, norm = ref.abs().max().item(), ref.norm().item()
+    per_image = d.flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp(min=1e-12)    # (N,)
     return {"max_abs": d.abs().max().item(), "rel": d.abs().max().item() / max(scale, 1e-12),
-            "rel_l2": d.norm().item() / max(norm, 1e-12), "ref_max": scale}
+            "rel_l2": d.norm().item() / max(norm, 1e-12), "image_rel_l2": per_image.max().item(),
+            "ref_max": scale}
 
 
 def random_inputs(config, num_timesteps, n, generator):
@@ -56,31 +74,64 @@ def check_tolerance(rows, precision, name):
         if precision == "fp32" and r["max_abs"] > FP32_ATOL * max(1.0, r["ref_max"]):
             raise UserError(f"{name} differs from PyTorch by max-abs {r['max_abs']:.2e} > {FP32_ATOL:.0e} "
                             f"at batch {r['batch']}: the export is wrong, do not deploy it")
-        if precision == "fp16" and r["rel"] > FP16_RTOL:
-            raise UserError(f"{name} differs from PyTorch by rel {r['rel']:.2e} > {FP16_RTOL:.0e} at batch "
-                            f"{r['batch']}: fp16 loses too much for this model; deploy model.onnx (fp32)")
+        if precision == "fp16" and not r["image_rel_l2"] <= FP16_TOLERANCE:
+            raise UserError(f"{name} differs from PyTorch by {r['image_rel_l2']:.2e} > {FP16_TOLERANCE:.0e} "
+                            f"(one image's relative L2) at batch {r['batch']}: fp16 loses too much for this "
+                            f"model; deploy model.onnx (fp32)")
 
 
-def fp16_arithmetic(path, reference, config, num_timesteps, seed, batch=2):
-    """The fp16 graph as TensorRT receives it, computed in fp16: onnx's reference runtime evaluates every node
-    with numpy at the graph's declared types, so each fp16 node's result is rounded to fp16 (numpy's fp16
-    matmuls accumulate in fp32, as fp16 GEMMs on a GPU do), where ONNX Runtime's CPU provider upcasts them
-    to fp32. Compared with PyTorch fp32 within FP16_RTOL; inf or NaN fails."""
+def _fp16_matmul(a, b):
+    """An fp16 matrix product as fp16 GEMMs compute it (and numpy's own fp16 matmul): fp16 inputs, fp32
+    sums, the result rounded to fp16. Through BLAS in fp32, where numpy's fp16 loop has no BLAS."""
+    if a.dtype != np.float16:
+        return np.matmul(a, b)
+    return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
+
+
+def fp16_graph(model):
+    """The fp16 graph (a path or a loaded ONNX model) as TensorRT receives it, computed in fp16, as a backend
+    f(x, t, y) -> out: onnx's reference runtime evaluates every node with numpy at the graph's declared
+    types, so each fp16 node's result is rounded to fp16, where ONNX Runtime's CPU provider upcasts fp16
+    nodes to fp32. Its .heavy says how many MatMul/Gemm/Conv/Attention nodes computed in fp16 on the last
+    call."""
     import onnx
     from onnx.reference import ReferenceEvaluator
-    graph = onnx.load(path)
-    x, t, y = random_inputs(config, num_timesteps, batch, torch.Generator().manual_seed(seed))
-    with np.errstate(over="ignore", invalid="ignore"):           # an overflow is reported below,
-                                                                 # as inf or NaN
-        values = ReferenceEvaluator(graph).run(None, {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()},
-                                               intermediate=True)
-    heavy = [n for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
-    in_fp16 = sum(values[n.output[0]].dtype == np.float16 for n in heavy)
-    out = torch.from_numpy(values["out"])
-    if not torch.isfinite(out).all():
-        raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for "
-                        f"this model; deploy model.onnx (fp32)")
-    return {"batch": batch, **errors(reference(x, t, y), out), "matmuls_in_fp16": f"{in_fp16}/{len(heavy)}"}
+    from onnx.reference.op_run import OpRun
+
+    class MatMul(OpRun):
+        def _run(self, a, b):
+            return (_fp16_matmul(a, b),)
+
+    class Gemm(OpRun):
+        """ONNX Gemm: alpha A'B' + beta C, each step at the inputs' type, as the reference runtime's own."""
+        def _run(self, a, b, c=None, alpha=None, beta=None, transA=None, transB=None):
+            out = _fp16_matmul(a.T if transA else a, b.T if transB else b) * a.dtype.type(alpha)
+            return (out if c is None else out + c * a.dtype.type(beta),)
+
+    graph = onnx.load(model) if isinstance(model, (str, os.PathLike)) else model
+    evaluator = ReferenceEvaluator(graph, new_ops=[MatMul, Gemm])
+    heavy = [n.output[0] for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
+
+    def run(x, t, y):
+        with np.errstate(over="ignore", invalid="ignore"):        # an overflow shows as inf or NaN
+            values = evaluator.run(None, {"x": x.cpu().numpy(), "t": t.cpu().numpy(), "y": y.cpu().numpy()},
+                                   intermediate=True)
+        run.heavy = f"{sum(values[name].dtype == np.float16 for name in heavy)}/{len(heavy)}"
+        return torch.from_numpy(values["out"]).to(x.device)
+    return run
+
+
+def fp16_arithmetic(path, reference, config, num_timesteps, seed, max_batch):
+    """The fp16 graph computed in fp16 (fp16_graph) against PyTorch fp32, at the engine check's batch sizes
+    and inputs; inf or NaN fails. Returns the parity rows, each with how many matmuls computed in fp16."""
+    graph_fn = fp16_graph(path)
+    rows = parity(reference, graph_fn, config, num_timesteps, batch_sizes=check_batches(max_batch), seed=seed)
+    for r in rows:
+        r["matmuls_in_fp16"] = graph_fn.heavy
+        if not np.isfinite(r["max_abs"]):
+            raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for "
+                            f"this model; deploy model.onnx (fp32)")
+    return rows
 
 
 def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
@@ -92,10 +143,11 @@ def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, devi
 
 def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed, device="cuda"):
     """The engine against the PyTorch model on the same GPU, only at batch sizes its profile [1, max_batch]
-    accepts: parity at batch 1, 7 and max_batch, and a guided fixed-seed DDIM run of up to 8 digits
-    (guidance doubles the batch, so max_batch // 2 at most). Returns (parity rows, pixel difference)."""
-    batches = sorted({1, min(7, max_batch), max_batch})
-    rows = parity(torch_fn, engine_fn, config, diffusion.num_timesteps, batch_sizes=batches, seed=seed)
+    accepts: parity at check_batches(max_batch), on the inputs export's CPU checks used, and a guided
+    fixed-seed DDIM run of up to 8 digits (guidance doubles the batch, so max_batch // 2 at most).
+    Returns (parity rows, pixel difference)."""
+    rows = parity(torch_fn, engine_fn, config, diffusion.num_timesteps, batch_sizes=check_batches(max_batch),
+                  seed=seed)
     print_parity("TRT fp16 vs torch", rows)
     check_tolerance(rows, "fp16", ENGINE_NAME)
     num = min(8, max_batch // 2)
@@ -107,14 +159,14 @@ def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed,
     return rows, ddim
 
 
-def fp16_headroom(model, diffusion, config, steps, seed):
+def fp16_headroom(model, diffusion, config, steps, seed, device="cpu"):
     """How far the model's activations stay below fp16's maximum: per-block peaks over the fixed-seed DDIM run
     (two batches of 8, with guidance: real x_t from t = T-1 to 0) and over random inputs at five timesteps
     (two batches each). Fails the export when the largest comes within FP16_MARGIN of 65504."""
     fn, T = TorchBackend(model), diffusion.num_timesteps
     with activation_peaks(model) as peaks:
         for batch in range(2):
-            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, CHECK_CFG)
+            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, CHECK_CFG, device=device)
             g = torch.Generator().manual_seed(seed + batch)
             for t in (0, T // 4, T // 2, 3 * T // 4, T - 1):
                 x, _, y = random_inputs(config, T, 8, g)
@@ -181,5 +233,6 @@ def check_fp32_islands(path, name):
 
 def print_parity(name, rows):
     for r in rows:
-        print(f"  {name:16s} batch {r['batch']:2d}: max-abs {r['max_abs']:.2e}  rel {r['rel']:.2e}  "
-              f"rel-L2 {r['rel_l2']:.2e}  (max|ref| {r['ref_max']:.2f})")
+        print(f"  {name:16s} batch {r['batch']:3d}: max-abs {r['max_abs']:.2e}  rel {r['rel']:.2e}  "
+              f"rel-L2 {r['rel_l2']:.2e}  worst image rel-L2 {r['image_rel_l2']:.2e}  "
+              f"(max|ref| {r['ref_max']:.2f})")

@@ -89,11 +89,13 @@ def checkpoint_for(args, meta, artifact):
 
 
 class Timed:
-    """Wrap a model call and accumulate its wall time (synchronising CUDA, so the time is the GPU's too)."""
+    """Wrap a model call and time each call (synchronising CUDA, so the time is the GPU's too). The first call
+    of each input shape carries one-time work (a CUDA graph's capture and warm-up, allocations, kernel
+    selection), so the steady state and the one-time cost are reported apart."""
 
     def __init__(self, fn, device):
         self.fn, self.cuda = fn, torch.device(device).type == "cuda"
-        self.calls, self.seconds, self.max_abs = 0, 0.0, 0.0
+        self.first, self.later, self.max_abs = {}, [], 0.0     # seconds: first call per shape, every other
 
     def __call__(self, x, t, y):
         if self.cuda:
@@ -102,14 +104,25 @@ class Timed:
         out = self.fn(x, t, y)
         if self.cuda:
             torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - start
-        self.calls += 1
+        seconds = time.perf_counter() - start
+        if tuple(x.shape) in self.first:
+            self.later.append(seconds)
+        else:
+            self.first[tuple(x.shape)] = seconds
         self.max_abs = max(self.max_abs, out.abs().max().item())
         return out
 
     @property
     def ms_per_call(self):
-        return 1000 * self.seconds / max(self.calls, 1)
+        """The steady state: the median call after each shape's first (the first calls if there are no
+        others)."""
+        calls = sorted(self.later or self.first.values()) or [0.0]
+        return 1000 * calls[len(calls) // 2]
+
+    @property
+    def ms_once(self):
+        """What the first calls cost beyond the steady state, over all input shapes."""
+        return max(1000 * sum(self.first.values()) - len(self.first) * self.ms_per_call, 0.0)
 
 
 def run_sampler(fn, diffusion, model_config, class_names, sampling):
@@ -143,9 +156,10 @@ def main(argv=None):
     images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, sampling)
     save_labelled_grid(images, labels, class_names, args.out, args.nrow)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
+    once = "warm-up and graph capture" if args.cuda_graph else "warm-up"
     print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, "
-          f"CFG {args.cfg_scale}, seed {args.seed}, {seconds:.2f} s, "
-          f"{timed.ms_per_call:.2f} ms per network call -> {args.out}")
+          f"CFG {args.cfg_scale}, seed {args.seed}, {seconds:.2f} s: {timed.ms_per_call:.2f} ms per network "
+          f"call, plus {timed.ms_once:.0f} ms once (first calls: {once}) -> {args.out}")
 
     if args.compare:
         weights = fn.meta.get("checkpoint", {}).get("weights", "ema")
@@ -158,10 +172,11 @@ def main(argv=None):
         verdict = "PASS" if diff["float"] <= tolerance else "FAIL"
         speedup = ref.ms_per_call / max(timed.ms_per_call, 1e-9)
         print(f"torch on {next(model.parameters()).device} ({weights} weights of {compare_ckpt}): "
-              f"{ref_seconds:.2f} s, {ref.ms_per_call:.2f} ms per network call")
+              f"{ref_seconds:.2f} s: {ref.ms_per_call:.2f} ms per network call, "
+              f"plus {ref.ms_once:.0f} ms once")
         print(f"largest pixel difference {backend} vs torch: {diff['float']:.3f} / 255 "
               f"(uint8: {diff['uint8']}), tolerance {tolerance:g} / 255: {verdict}; "
-              f"speed-up {speedup:.2f}x per call")
+              f"speed-up {speedup:.2f}x per call (steady state)")
         if ref.max_abs < NEAR_ZERO:
             print(f"warning: the PyTorch network's outputs stay below {NEAR_ZERO:g} "
                   f"(largest {ref.max_abs:.2g}): "

@@ -346,6 +346,8 @@ def export_parser():
     a("--workspace-gb", type=positive_int, default=4, help="TensorRT builder workspace limit")
     a("--verify-steps", type=positive_int, default=10, help="DDIM steps of the fixed-seed comparison")
     a("--seed", type=nonnegative_int, default=0, help="seed of the check inputs")
+    a("--device", default=None, help="where PyTorch runs the checks: cpu, cuda, cuda:N (None: cuda if "
+      "available)")
     return p
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 import data
+from backends import tf32
 from checkpoint import (checkpoint_to_resume, config_dict, load_for_resume, restore_training, save_checkpoint,
                         training_state)
 from cli import UserError, has_fast_bf16, pick_device
@@ -100,11 +101,9 @@ def every(step, interval):
 # ----------------------------------------------------------------------------------------------
 
 def configure(settings, world, device, say):
-    """Threads, TF32, and the defaults that depend on the device (recipe.for_device) -> the settings."""
+    """Threads and the defaults that depend on the device (recipe.for_device) -> the settings."""
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    if device.type == "cuda":                     # TF32 matmuls: free speed where --amp is off
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if settings.model is not None and settings.model not in PRESETS:
         raise UserError(f"unknown --model {settings.model!r}; choose one of {', '.join(PRESETS)}")
     cuda, have_compiler = device.type == "cuda", cpp_compiler() is not None
@@ -290,7 +289,9 @@ def main(argv=None):
         created = make_run_folder(out, settings.data_dir)
         try:
             with RunLock(out) if rank == 0 else contextlib.nullcontext():
-                signum, unfinished = train(settings, out, rank, world, device)
+                # TF32 matmuls on a GPU: free speed where --amp is off, for training only.
+                with tf32(device.type == "cuda"):
+                    signum, unfinished = train(settings, out, rank, world, device)
                 if unfinished and rank == 0:
                     print(f"continue it with: {resume_command(argv, out)}")
                 if world > 1:

@@ -29,3 +29,12 @@ def restore_threads():
 def one_thread():
     """One torch thread for tests of tiny models: two OpenMP threads thrash on a busy 2-core machine."""
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def no_tf32_leak():
+    """No test leaves TF32 on or off for the tests after it: their fp32 comparisons must stay fp32."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    after = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    assert after == before, f"TF32 flags changed from {before} to {after} by this test"

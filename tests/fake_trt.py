@@ -7,10 +7,14 @@ what our code happens to call, and fail where the real ones fail. Each contract 
   [pb]  pybind11: a None passed for a C++ reference parameter, or a non-integer for an integer, is an error
   [cu]  CUDA / torch.cuda: a graph replays the kernels it recorded, reading and writing the addresses they
         were recorded with; an error in a kernel is sticky (every later CUDA call in the process fails).
-The engine is a stand-in that computes out = 2 x + t (per sample), reading its inputs from and writing its
-output to the host addresses bound to it, through activation memory that its execution context owns.
-It computes on CPU tensors, which PyTorch aligns to 64 bytes where CUDA's caching allocator gives 512: the
-256-byte rule therefore also refuses some fresh CPU tensors, which on a GPU would be aligned anyway.
+An engine that Builder builds from an ONNX file holds that graph, as a real plan holds the network and its
+weights, and computes it in fp16 arithmetic: every node at the graph's types with fp16 results, through
+export_checks.fp16_graph (onnx's reference runtime), so its numbers carry the rounding a TensorRT fp16 engine
+has. A hand-made plan (plan_bytes without a graph, for the binding and CUDA-graph tests) computes
+out = 2 x + t per sample instead, which shows which memory was read and written. Either reads its inputs from
+and writes its output to the host addresses bound to it, through activation memory that its execution context
+owns. It computes on CPU tensors, which PyTorch aligns to 64 bytes where CUDA's caching allocator gives 512:
+the 256-byte rule therefore also refuses some fresh CPU tensors, which on a GPU would be aligned anyway.
 """
 import contextlib
 import ctypes
@@ -204,9 +208,11 @@ class IExecutionContext:
     def _kernel(self):
         """The engine's kernels as a graph records them: fixed addresses and this context's activation memory.
         The kernel holds no reference to the context (a recorded graph does not keep TensorRT objects alive)."""
-        context, cuda = weakref.ref(self), self.cuda
-        n, size = self.shapes["x"][0], int(np.prod(self.shapes["x"]))
-        x, t, out = self.addresses["x"], self.addresses["t"], self.addresses["out"]
+        context, cuda, graph = weakref.ref(self), self.cuda, self.engine.graph
+        shape = self.shapes["x"]
+        n, size = shape[0], int(np.prod(shape))
+        out_size = int(np.prod(self.get_tensor_shape("out")))
+        x, t, y, out = (self.addresses[name] for name in ("x", "t", "y", "out"))
 
         def run():
             alive = context()
@@ -214,17 +220,28 @@ class IExecutionContext:
                 cuda.broken = "an illegal memory access was encountered"
                 cuda.check()
             scratch = alive.activations[:size].reshape(n, -1)
-            scratch[:] = 2 * host_array(x, "float", size).reshape(n, -1)
-            host_array(out, "float", size).reshape(n, -1)[:] = scratch + host_array(t, "int64", n)[:, None]
+            scratch[:] = host_array(x, "float", size).reshape(n, -1)
+            if graph is None:
+                result = 2 * scratch + host_array(t, "int64", n)[:, None]
+            else:
+                inputs = (torch.from_numpy(scratch.reshape(shape)), torch.from_numpy(host_array(t, "int64", n)),
+                          torch.from_numpy(host_array(y, "int64", n)))
+                result = graph(*inputs).numpy()
+            host_array(out, "float", out_size)[:] = result.reshape(-1)
         return run
 
 
 class ICudaEngine:
-    def __init__(self, runtime, plan):
+    def __init__(self, runtime, plan, onnx_bytes=b""):
         self.runtime = runtime           # [py] deserialize_cuda_engine has keep_alive<0, 1>
         self.inputs, self.outputs, self.profile = plan["inputs"], plan["outputs"], plan["profile"]
         self.io = {**self.inputs, **self.outputs}
         self.streams_weights = plan.get("streams_weights", False)
+        self.graph = None                # the network it was built from, computed in fp16
+        if onnx_bytes:
+            import onnx
+            from export_checks import fp16_graph
+            self.graph = fp16_graph(onnx.load_from_string(onnx_bytes))
 
     @property
     def num_io_tensors(self):
@@ -248,7 +265,8 @@ class ICudaEngine:
 
 
 class Runtime:
-    def __init__(self, logger, cuda=None, fail_contexts=False):
+    def __init__(self, logger, cuda=None, fail_contexts=False, driver_too_old=False):
+        started(driver_too_old)
         self.logger, self.cuda, self.fail_contexts = logger, cuda, fail_contexts
         self.made, self.contexts_made = [], 0      # weak references to the contexts, for the tests only
 
@@ -257,17 +275,21 @@ class Runtime:
         blob = bytes(serialized_engine)
         if not blob.startswith(PLAN_MAGIC):
             return None
-        return ICudaEngine(self, json.loads(blob[len(PLAN_MAGIC):]))
+        header, _, onnx_bytes = blob[len(PLAN_MAGIC):].partition(b"\n")
+        return ICudaEngine(self, json.loads(header), onnx_bytes)
 
 
-def plan_bytes(chw=(1, 4, 4), batches=(1, 4, 8), streams_weights=False):
-    """A serialized fake engine: x (N, C, H, W) float, t and y (N,) int64 -> out (N, C, H, W) float."""
+def plan_bytes(chw=(1, 4, 4), batches=(1, 4, 8), streams_weights=False, out_chw=None, onnx_bytes=b""):
+    """A serialized fake engine: x (N, C, H, W) float, t and y (N,) int64 -> out (N, C_out, H, W) float; with
+    onnx_bytes, the graph it computes (else 2 x + t)."""
     low, opt, high = batches
     inputs = {"x": {"shape": [-1, *chw], "dtype": "float"}, "t": {"shape": [-1], "dtype": "int64"},
               "y": {"shape": [-1], "dtype": "int64"}}
+    outputs = {"out": {"shape": [-1, *(out_chw or chw)], "dtype": "float"}}
     profile = {"x": [[b, *chw] for b in batches], "t": [[low], [opt], [high]], "y": [[low], [opt], [high]]}
-    return PLAN_MAGIC + json.dumps({"inputs": inputs, "outputs": {"out": {"shape": [-1, *chw], "dtype": "float"}},
-                                    "profile": profile, "streams_weights": streams_weights}).encode()
+    header = json.dumps({"inputs": inputs, "outputs": outputs, "profile": profile,
+                         "streams_weights": streams_weights}).encode()
+    return PLAN_MAGIC + header + b"\n" + onnx_bytes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,7 +322,7 @@ class ParserError:
 
 class INetworkDefinition:
     def __init__(self):
-        self.inputs = {}
+        self.inputs, self.outputs, self.onnx_bytes = {}, {}, b""
 
 
 class OnnxParser:
@@ -325,9 +347,11 @@ class OnnxParser:
         except Exception as e:
             self.errors.append(ParserError(f"Failed to parse ONNX model from file: {model} ({type(e).__name__})"))
             return False
-        for value in graph.input:
-            dims = [d.dim_value if d.dim_value else -1 for d in value.type.tensor_type.shape.dim]
-            self.network.inputs[value.name] = dims
+        for values, table in ((graph.input, self.network.inputs), (graph.output, self.network.outputs)):
+            for value in values:
+                table[value.name] = [d.dim_value if d.dim_value else -1 for d in value.type.tensor_type.shape.dim]
+        with open(model, "rb") as f:
+            self.network.onnx_bytes = f.read()
         return True
 
 
@@ -378,8 +402,20 @@ class IBuilderConfig:
         return self.cache
 
 
+NULLPTR = "pybind11::init(): factory function returned nullptr"
+
+
+def started(driver_too_old):
+    """[pb] pybind11 raises TypeError(NULLPTR) when a class's factory returns nullptr (detail/init.h), which
+    TensorRT's Builder and Runtime factories do when they cannot initialise CUDA, e.g. on a driver older than
+    the CUDA the wheel was built for (NVIDIA/TensorRT#2913)."""
+    if driver_too_old:
+        raise TypeError(NULLPTR)
+
+
 class Builder:
-    def __init__(self, logger, gpu=GPU, fail_build=False):
+    def __init__(self, logger, gpu=GPU, fail_build=False, driver_too_old=False):
+        started(driver_too_old)
         self.logger, self.gpu, self.fail_build = logger, gpu, fail_build
 
     def create_network(self, flags=0):
@@ -403,15 +439,16 @@ class Builder:
             low, opt, high = profile[name]
             if not all(a <= b <= c for a, b, c in zip(low, opt, high)):
                 return None
-        x = network.inputs["x"]
-        return IHostMemory(plan_bytes(tuple(x[1:]), tuple(s[0] for s in profile["x"])))
+        x, out = network.inputs["x"], network.outputs["out"]
+        return IHostMemory(plan_bytes(tuple(x[1:]), tuple(s[0] for s in profile["x"]), out_chw=tuple(out[1:]),
+                                      onnx_bytes=network.onnx_bytes))
 
 
 # ----------------------------------------------------------------------------------------------
 #                                      the module
 # ----------------------------------------------------------------------------------------------
 
-def fake_tensorrt(cuda=None, gpu=GPU, fail_build=False, fail_contexts=False):
+def fake_tensorrt(cuda=None, gpu=GPU, fail_build=False, fail_contexts=False, driver_too_old=False):
     """A module object with the names our code uses, made by the classes above."""
     class Logger:
         INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
@@ -421,11 +458,11 @@ def fake_tensorrt(cuda=None, gpu=GPU, fail_build=False, fail_contexts=False):
     runtimes = []
 
     def make_runtime(logger):
-        runtimes.append(Runtime(logger, cuda, fail_contexts))
+        runtimes.append(Runtime(logger, cuda, fail_contexts, driver_too_old))
         return runtimes[-1]
     return types.SimpleNamespace(
         __version__="11.4.0.106-fake", Logger=Logger, Runtime=make_runtime, runtimes=runtimes,
-        Builder=lambda logger: Builder(logger, gpu, fail_build), OnnxParser=OnnxParser,
+        Builder=lambda logger: Builder(logger, gpu, fail_build, driver_too_old), OnnxParser=OnnxParser,
         MemoryPoolType=types.SimpleNamespace(WORKSPACE="WORKSPACE"),
         DataType=types.SimpleNamespace(FLOAT="float", HALF="half", INT64="int64", INT32="int32"))
 

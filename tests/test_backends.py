@@ -452,7 +452,11 @@ def test_build_engine_failures_are_one_line(tiny, tmp_path, monkeypatch):
         export.build_engine(str(tmp_path / "junk.onnx"), engine, cache, (1, 16, 16), (1, 8, 16))
 
 
-def test_an_engine_built_by_build_engine_runs_in_trt_backend(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_an_engine_built_by_build_engine_computes_in_fp16_and_passes_the_engine_check(tiny, tmp_path, monkeypatch,
+                                                                                      cuda_graph):
+    """The fake engine computes the fp16 graph it was built from in fp16 arithmetic: TrtBackend returns exactly
+    that, and export's engine check of it against PyTorch fp32 passes with fp16's rounding, not zero."""
     install_builder(monkeypatch)
     onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
     export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
@@ -460,11 +464,65 @@ def test_an_engine_built_by_build_engine_runs_in_trt_backend(tiny, tmp_path, mon
     cuda.install(monkeypatch)
     trt = fake.fake_tensorrt(cuda)
     monkeypatch.setattr(backends, "import_tensorrt", lambda: trt)
-    backend = backends.TrtBackend(engine, cuda_graph=True, meta={"profile": {}})
+    backend = backends.TrtBackend(engine, cuda_graph=cuda_graph, meta={"profile": {}})
     backend.device = torch.device("cpu")
     assert backend.meta["profile"] == {"min": 1, "max": 16}
-    x, t, y = (torch.randn(5, 1, 16, 16), torch.arange(5), torch.zeros(5, dtype=torch.long))
-    assert torch.equal(backend(x, t, y), expected(x, t))
+    model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
+    x, t, y = export_checks.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(backend(x, t, y), export_checks.fp16_graph(onnx_path)(x, t, y))
+    rows, ddim = export_checks.check_engine(backends.TorchBackend(model), backend, diffusion, model.config, 16, 2, 0,
+                                            "cpu")
+    assert [r["batch"] for r in rows] == [1, 7, 16]
+    assert all(1e-5 < r["image_rel_l2"] <= export_checks.FP16_TOLERANCE for r in rows), rows
+
+
+def test_a_cuda_driver_too_old_for_tensorrt_is_one_line_and_auto_falls_back(tiny, tmp_path, monkeypatch, capsys):
+    """tensorrt imports, but its Runtime and Builder factories return nullptr (a driver older than its CUDA):
+    one line naming the mismatch, --backend auto runs ONNX Runtime, and export skips the engine."""
+    package = tmp_path / "site" / "tensorrt"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import fake_trt\n"
+                                         "globals().update(vars(fake_trt.fake_tensorrt(driver_too_old=True)))\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(backends, "_TRT_LOGGER", [])
+    reason = backends.trt_unavailable_reason()
+    assert reason.startswith("TensorRT 11.4.0.106-fake cannot start on this machine's CUDA driver, which PyTorch")
+    assert fake.NULLPTR in reason and "R580" in reason and "tensorrt-cu12==11.4.*" in reason and "\n" not in reason
+    folder = str(tmp_path / "deploy")
+    shutil.copytree(tiny["dir"], folder)
+    open(os.path.join(folder, "model_fp16.engine"), "wb").close()
+    args = recipe.parse_infer_args(["--engine", os.path.join(folder, "model_fp16.engine")])
+    assert infer_trt.choose_backend(args) == ("ort", os.path.join(folder, "model.onnx"))
+    assert "note: not using the engine (TensorRT 11.4.0.106-fake cannot start" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
+        backends.import_tensorrt()
+    # Where a caller holds the module already, the builder and the runtime say the same in one line.
+    trt = fake.fake_tensorrt(driver_too_old=True)
+    monkeypatch.setattr(export, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(backends, "import_tensorrt", lambda: trt)
+    onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
+    with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
+        export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
+    with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
+        backends.TrtBackend(os.path.join(folder, "model_fp16.engine"), meta={"profile": {}})
+    assert not os.path.exists(engine)
+
+
+def test_compare_reports_the_steady_state_apart_from_the_first_calls():
+    """A first call per batch size that captures a graph (slow) must not be averaged into ms per call."""
+    import time
+    calls = []
+
+    def fn(x, t, y):
+        time.sleep(0.3 if x.shape[0] not in calls else 0.005)
+        calls.append(x.shape[0])
+        return x
+    timed = infer_trt.Timed(fn, "cpu")
+    for n in (4,) * 10 + (2,) * 5:
+        timed(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    assert timed.ms_per_call < 50 and timed.ms_once > 450
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,10 +144,15 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=needs_bf16)],
                          ids=["fp32", "fp16", "bf16"])
 def test_cuda_graph_and_compiled_sampling_equal_eager(dtype):
+    """CUDA graphs in every precision; torch.compile (cold compiles cost the most time here) in the one that
+    tools/bench.py times on this GPU."""
     import speedups
     model = random_dit().cuda()
     reference = speedups.eager_fn(model)
-    for fn in (speedups.cuda_graph_fn(model, dtype), speedups.compiled_fn(model, dtype, mode="reduce-overhead")):
+    fns = [speedups.cuda_graph_fn(model, dtype)]
+    if dtype == speedups.default_low_precision("cuda"):
+        fns.append(speedups.compiled_fn(model, dtype, mode="reduce-overhead"))
+    for fn in fns:
         for n in (3, 5, 3):                                   # a capture per batch size, then a replay
             x, t, y = batch(n)
             out, again = fn(x, t, y), fn(x, t, y)

@@ -13,6 +13,7 @@ from PIL import Image
 import checkpoint
 import cli
 import export
+import export_checks
 import infer_trt
 import plot_curve
 import recipe
@@ -61,11 +62,24 @@ def test_sample_without_ckpt_draws_the_prompt_grid_from_the_shipped_model(tmp_pa
     assert read == [2, 4, 1, 9, 2, 8, 7, 9, 0, 1, 3, 5, 6, 7]
 
 
-def test_export_and_infer_without_ckpt_use_the_shipped_model_outside_the_repository(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def shipped_export(tmp_path_factory):
+    """`python export.py` at its defaults (but 2 DDIM steps in its sampling check), run in a fresh working
+    folder -> (folder, stdout, stderr)."""
+    folder, before = tmp_path_factory.mktemp("work"), os.getcwd()
+    os.chdir(folder)
+    try:
+        out, err = run(export.main, ["--verify-steps", "2"])
+    finally:
+        os.chdir(before)
+    return folder, out, err
+
+
+def test_export_and_infer_without_ckpt_use_the_shipped_model_outside_the_repository(shipped_export, monkeypatch):
     """python export.py writes runs/shipped/ in the working folder (never into checkpoints/), and
     python infer_trt.py --compare finds those files and the shipped weights."""
+    tmp_path, out, err = shipped_export
     monkeypatch.chdir(tmp_path)
-    out, err = run(export.main, ["--verify-steps", "2"])
     assert "shipped model" in err and os.path.isfile(tmp_path / "runs" / "shipped" / "model.onnx")
     assert sorted(os.listdir(os.path.dirname(SHIPPED))) == ["dit-t4-mnist.pt"]
     with open(tmp_path / "runs" / "shipped" / "model.onnx.json") as f:
@@ -73,6 +87,30 @@ def test_export_and_infer_without_ckpt_use_the_shipped_model_outside_the_reposit
     out, err = run(infer_trt.main, ["--backend", "ort", "--num-samples", "4", "--compare", "--out", "runs/i.png"])
     assert out.startswith("ort (") and "largest pixel difference ort vs torch" in out
     assert "tolerance 1 / 255: PASS" in out and "ema weights of " + SHIPPED in out and "warning" not in err
+
+
+def test_the_engine_check_passes_the_shipped_model_at_export_defaults(shipped_export):
+    """The engine's arithmetic without TensorRT: the fp16 graph export wrote, computed in fp16, as the engine
+    in export's own engine check, at its default --max-batch (256) and inputs. It passes, and export's CPU
+    check had already measured the very same errors on the same inputs."""
+    from backends import TorchBackend, check_profile
+    folder, _, _ = shipped_export
+    args = recipe.parse_export_args([])
+    model, diffusion, _, _ = checkpoint.model_from_checkpoint(SHIPPED)
+    path = str(folder / "runs" / "shipped" / "model_fp16.onnx")
+    graph, batches = export_checks.fp16_graph(path), []
+
+    def engine(x, t, y):                      # inside the profile [1, --max-batch] export builds the engine with
+        check_profile({"profile": {"min": 1, "max": args.max_batch}}, x.shape[0])
+        batches.append(x.shape[0])
+        return graph(x, t, y)
+    rows, ddim = export_checks.check_engine(TorchBackend(model), engine, diffusion, model.config, args.max_batch,
+                                            args.verify_steps, args.seed, device="cpu")
+    assert max(batches) == args.max_batch == 256 and [r["batch"] for r in rows] == [1, 7, 256]
+    assert all(r["image_rel_l2"] <= export_checks.FP16_TOLERANCE for r in rows), rows
+    recorded = checkpoint.load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"]
+    assert [r["image_rel_l2"] for r in recorded] == [r["image_rel_l2"] for r in rows]
+    assert ddim["float"] < 8
 
 
 def test_resume_and_raw_weights_refuse_a_sampling_only_checkpoint(tmp_path, capsys):

@@ -276,3 +276,29 @@ def test_images_per_s_counts_every_step_also_a_skipped_fp16_one(tmp_path, monkey
     (row,) = log_rows(str(tmp_path))
     assert float(row["images_per_s"]) == 8 * 4 / 2 and float(row["loss"]) == pytest.approx(0.4)
     assert "1 fp16 steps skipped" in meter.note
+
+
+def test_tf32_stays_inside_training_and_the_reference_is_true_fp32():
+    """configure() leaves the process's TF32 flags alone (train.main turns TF32 on around train() only, on a
+    GPU), and TorchBackend, every comparison's reference, computes in IEEE fp32 whatever the process set."""
+    from backends import TorchBackend, tf32
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)     # noqa: E731
+    before = flags()
+    settings = recipe.parse_train_args(["--steps", "10"])
+    train.configure(settings, 1, torch.device("cuda"), lambda *a: None)     # decides only: runs on a CPU too
+    assert flags() == before
+    with tf32(True):
+        assert flags() == (True, True)
+        seen = []
+
+        class Probe(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.Parameter(torch.ones(1))
+
+            def forward(self, x, t, y):
+                seen.append(flags())
+                return x * self.w
+        TorchBackend(Probe())(torch.ones(1, 1, 2, 2), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+        assert seen == [(False, False)] and flags() == (True, True)
+    assert flags() == before
