@@ -4,10 +4,11 @@ largest relative L2 error of one image (the gate, FP16_TOLERANCE) and the old me
 three fp16 computations of the same model against PyTorch fp32:
 
     torch fp16          the fp16 copy of the model in PyTorch (fp32 sums in its matmuls)
-    graph fp16          model_fp16.onnx computed in fp16 by onnx's reference runtime (export_checks.fp16_graph)
-    fp16-sum attention  the fp16 copy with attention whose dot products sum in fp16, every partial sum rounded:
-                        the worst case of what TensorRT's fused attention may do (it sums in fp16 unless Q, K
-                        and V are upcast: TensorRT 11.3 release notes)
+    graph fp16          model_fp16.onnx computed in fp16 by onnx's reference runtime
+                        (export_checks.fp16_graph)
+    fp16-sum attention  the fp16 copy with attention whose dot products sum in fp16, every partial sum
+                        rounded: the worst case of what TensorRT's fused attention may do (it sums in fp16
+                        unless Q, K and V are upcast: TensorRT 11.3 release notes)
 
     python tools/fp16_margin.py                      # the shipped model, export.py's default --max-batch
     python tools/fp16_margin.py --ckpt RUN/ckpt.pt --max-batch 64 --seeds 0,1,2
@@ -47,7 +48,8 @@ def main(argv=None):
     p = ArgumentParser(description="The fp16 gate's margin on a checkpoint (see the module docstring).")
     p.add_argument("--ckpt", default=None, help="checkpoint (None: the shipped model)")
     p.add_argument("--max-batch", type=positive_int, default=256, help="export.py's --max-batch")
-    p.add_argument("--seeds", type=number_list(nonnegative_int), default=[0], help="seeds of the check inputs")
+    p.add_argument("--seeds", type=number_list(nonnegative_int), default=[0],
+                   help="seeds of the check inputs")
     args = p.parse_args(argv)
     model, diffusion, _, _ = model_from_checkpoint(checkpoint_or_shipped(args.ckpt))
     reference, fp16 = TorchBackend(model), TorchBackend(LowPrecision(model, torch.float16))
@@ -72,8 +74,8 @@ def main(argv=None):
         print("|---|---|---|---|---|")
         for seed in args.seeds:
             for name, fn in candidates.items():
-                rows = export_checks.parity(reference, fn, config, T,
-                                            batch_sizes=export_checks.check_batches(args.max_batch), seed=seed)
+                batches = export_checks.check_batches(args.max_batch)
+                rows = export_checks.parity(reference, fn, config, T, batch_sizes=batches, seed=seed)
                 for r in rows:
                     print(f"| {seed} | {r['batch']} | {name} | {r['image_rel_l2']:.2e} | {r['rel']:.2e} |")
 
