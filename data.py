@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cli import UserError
-from guard import DiskFull, atomic_write
-from recipe import DATASETS
+from support import DiskFull, UserError, atomic_write
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "folder")
 
 
 class DataError(UserError):
@@ -273,8 +273,8 @@ def load_cifar10(data_dir: Path | None, split: str,
         if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32
                 or len(data) != len(batch_labels)):
             raise DataError(f"{files[n][1]}: expected uint8 data (N, 3072) with N labels; re-download it")
-        images.append(data.reshape(-1, 3, 32, 32))  # rows hold the R plane, then G, then B,
-                                                    # each 32x32 row-major
+        # Each row holds the R plane, then G, then B, each 32x32 row-major.
+        images.append(data.reshape(-1, 3, 32, 32))
         labels.append(batch_labels)
     labels = np.concatenate(labels)
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
@@ -383,8 +383,8 @@ def load_dataset(name: str, data_dir: str | None = None, split: str = "train", i
         images, class_names = pad_or_resize(images[:, None], image_size, pad=True), CLASS_NAMES[name]
     elif name == "cifar10":
         images, labels, class_names = load_cifar10(root, split, download)
-        images = pad_or_resize(images, image_size, pad=False)  # natural photos: zero borders
-                                                               # would be a new style
+        # Natural photos are resized, not padded: zero borders would be a new style to learn.
+        images = pad_or_resize(images, image_size, pad=False)
     else:
         if root is None:
             raise DataError("the folder dataset needs --data-dir DIR with one subfolder of images per class")

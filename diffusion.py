@@ -27,7 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recipe import LOSS_WEIGHTS, PREDICTIONS, SAMPLERS, SCHEDULES, TIMESTEP_DRAWS
+PREDICTIONS = ("eps", "x0", "v")                      # what the network outputs
+SCHEDULES = ("linear", "cosine")                      # noise schedules: DDPM's, IDDPM's
+TIMESTEP_SAMPLINGS = ("uniform", "logit-normal")      # how training draws t
+LOSS_WEIGHTS = ("none", "min-snr", "v-clipped")       # weightings of the loss over t
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")                # the sampling loops of sample()
 
 
 @dataclass
@@ -37,10 +41,8 @@ class DiffusionConfig:
     schedule: str = "linear"      # "linear" (DDPM: 1e-4 -> 0.02, the lesson's) or "cosine" (IDDPM)
     prediction: str = "x0"        # what the network outputs: "eps", "x0" or "v" (train.py's default)
     vlb_weight: float = 1e-3      # lambda of IDDPM's L_hybrid = L_simple + lambda * L_vlb
-    timesteps: str = "uniform"    # how training draws t: "uniform" (DDPM) or "logit-normal" (more of
-                                  # the middle)
-    loss_weight: str = "none"     # weighting of the MSE over t (training_loss): "none", "min-snr",
-                                  # "v-clipped"
+    timestep_sampling: str = "uniform"   # how training draws t: "uniform" (DDPM) or "logit-normal"
+    loss_weight: str = "none"     # weighting of the MSE over t: "none", "min-snr" or "v-clipped"
     snr_gamma: float = 5.0        # the clip of those weightings
 
 
@@ -136,8 +138,9 @@ class GaussianDiffusion:
     def __init__(self, config: DiffusionConfig, betas=None):
         if config.prediction not in PREDICTIONS:
             raise ValueError(f"unknown prediction {config.prediction!r}; expected one of {PREDICTIONS}")
-        if config.timesteps not in TIMESTEP_DRAWS:
-            raise ValueError(f"unknown timestep draw {config.timesteps!r}; expected one of {TIMESTEP_DRAWS}")
+        if config.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"unknown timestep sampling {config.timestep_sampling!r}; expected one of "
+                             f"{TIMESTEP_SAMPLINGS}")
         if config.loss_weight not in LOSS_WEIGHTS:
             raise ValueError(f"unknown loss weight {config.loss_weight!r}; expected one of {LOSS_WEIGHTS}")
         self.config = config
@@ -238,7 +241,7 @@ class GaussianDiffusion:
     def draw_timesteps(self, n, generator=None, device="cpu"):
         """Training timesteps: uniform over [0, T) (DDPM), or logit-normal (Esser et al. 2024, Sec. 3.1):
         t/T = sigmoid(u), u ~ N(0, 1), which spends more of training in the middle of the process."""
-        if self.config.timesteps == "uniform":
+        if self.config.timestep_sampling == "uniform":
             return torch.randint(self.num_timesteps, (n,), generator=generator, device=device)
         u = torch.randn(n, generator=generator, device=device)
         return (torch.sigmoid(u) * self.num_timesteps).long().clamp(max=self.num_timesteps - 1)

@@ -249,8 +249,8 @@ class DiT(nn.Module):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def patchify(self, x):
-        """(N, C, H, W) image -> (N, T, D) tokens, plus the fixed position embedding."""
+    def embed_patches(self, x):
+        """(N, C, H, W) image -> (N, T, D) patch tokens with the fixed position embedding added."""
         x = self.x_embedder(x)                                             # (N, D, H/p, W/p)
         return rearrange(x, "n d gh gw -> n (gh gw) d") + self.pos_embed.to(x.dtype)
 
@@ -261,7 +261,7 @@ class DiT(nn.Module):
 
     def forward(self, x, t, y):
         """x (N, C, H, W) noisy images, t (N,) int timesteps, y (N,) int labels -> (N, C_out, H, W)."""
-        h = self.patchify(x)                                               # (N, T, D)
+        h = self.embed_patches(x)                                          # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)                        # (N, D) the conditioning vector
         for block in self.blocks:
             h = block(h, c)                                                # (N, T, D)

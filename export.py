@@ -17,37 +17,76 @@ Graph I/O: x float32 (N, C, H, W), t int64 (N,), y int64 (N,) -> out float32 (N,
 network's raw prediction (eps, x0 or v per the checkpoint's diffusion_config.prediction, then the
 variance channels when learn_sigma). N is dynamic. TensorRT 11 has no fp16 builder flag: precision
 comes from the ONNX types alone (strongly typed), hence the separate fp16 graph.
+
+Read top to bottom, as an export runs: 1. trace to ONNX -> 2. check against PyTorch (parity, fp16 where it
+is really computed, a fixed-seed sampling run) -> 3. build the TensorRT engine -> main, which writes each file
+only once its checks pass. The runtime that calls the engine is infer_trt.py's.
 """
+
+
 import collections
+import contextlib
 import copy
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
 import time
 import warnings
 
-from cli import run_cli
-from recipe import parse_export_args
+from support import (DEFAULT_BATCH_SIZE, SHIPPED_EXPORT_DIR, ArgumentParser, UserError, nonnegative_int,
+                     positive_int, run_cli)
+
+OPSETS = (20, 21, 22, 23)
+EXPERIMENTAL_OPSET = 23  # its ONNX Attention nodes are new to TensorRT's ONNX importer
+
+
+def export_parser():
+    p = ArgumentParser(description="Export a DiT checkpoint to ONNX and a TensorRT fp16 engine.")
+    a = p.add_argument
+    a("--ckpt", default=None, help="checkpoint written by train.py (None: the shipped model, "
+      "checkpoints/dit-t4-mnist.pt)")
+    a("--out-dir", default=None, help="folder for the files (None: the checkpoint's folder; "
+      f"{SHIPPED_EXPORT_DIR} for the shipped model)")
+    a("--weights", choices=("ema", "model"), default="ema", help="the EMA or the raw trained weights")
+    a("--opset", type=int, default=20, choices=OPSETS, help=f"ONNX opset; {EXPERIMENTAL_OPSET} is "
+      "experimental (ONNX Attention nodes, new in TensorRT's importer)")
+    a("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="the sampling batch the engine is "
+      "tuned for (sample.py's and infer_trt.py's default); the profile's opt is 2x: guidance doubles it")
+    a("--max-batch", type=positive_int, default=256, help="largest engine batch (at least 2x --batch-size)")
+    a("--opt-level", type=int, default=3, choices=range(6), help="TensorRT builder optimisation level")
+    a("--workspace-gb", type=positive_int, default=4, help="TensorRT builder workspace limit")
+    a("--verify-steps", type=positive_int, default=10, help="DDIM steps of the fixed-seed comparison")
+    a("--seed", type=nonnegative_int, default=0, help="seed of the check inputs")
+    a("--device", default=None, help="where PyTorch runs the checks: cpu, cuda, cuda:N (None: cuda if "
+      "available)")
+    return p
+
+
+def parse_args(argv):
+    args = export_parser().parse_args(argv)
+    if 2 * args.batch_size > args.max_batch:
+        raise UserError(f"--max-batch {args.max_batch} must be at least 2 x --batch-size = "
+                        f"{2 * args.batch_size} (classifier-free guidance runs a doubled batch)")
+    return args
+
 
 if __name__ == "__main__":
-    run_cli(lambda: parse_export_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
 
+# ruff: noqa: E402
+# PyTorch and the modules that use it load only here, after the flags.
+import numpy as np
 import torch
+import torch.nn as nn
 
-from backends import (LowPrecision, OrtBackend, TorchBackend, TrtBackend, current_gpu_name, import_tensorrt,
-                      starting_tensorrt, trt_logger, trt_unavailable_reason)
-from checkpoint import (checkpoint_or_shipped, config_dict, file_sha256, model_from_checkpoint,
-                        write_sidecar)
-from cli import UserError, first_line, pick_device
-from export_checks import (CHECK_CFG, check_batches, check_engine, check_fp32_islands, check_tolerance,
-                           fixed_seed_sample, fp16_arithmetic, fp16_headroom, parity, print_parity,
-                           random_inputs)
-from guard import atomic_write, check_writable, move_into_place, refuse_overwrite, same_file
-from recipe import ENGINE_NAME, EXPERIMENTAL_OPSET, ONNX_NAME, SHIPPED_CKPT, SHIPPED_EXPORT_DIR
-from sample import pixel_difference
+from infer_trt import (OrtBackend, TrtBackend, current_gpu_name, import_tensorrt, starting_tensorrt,
+                       trt_logger, trt_unavailable_reason)
+from sample import LowPrecision, TorchBackend, draw_samples, model_from_checkpoint, pixel_difference
+from support import (ENGINE_NAME, ONNX_NAME, SHIPPED_CKPT, atomic_write, check_writable,
+                     checkpoint_or_shipped, config_dict, file_sha256, first_line, move_into_place,
+                     pick_device, refuse_overwrite, remove_dead_exports, same_file, write_sidecar)
 
 FP16_ONNX_NAME, CACHE_NAME = "model_fp16.onnx", "model_fp16.timing.cache"
 ONNX_FILES = {ONNX_NAME: "fp32", FP16_ONNX_NAME: "fp16"}
@@ -55,8 +94,9 @@ WRITTEN = (ONNX_NAME, FP16_ONNX_NAME, ENGINE_NAME, CACHE_NAME)
 
 
 # ----------------------------------------------------------------------------------------------
-#                                        ONNX export
+#                                       1. Trace to ONNX
 # ----------------------------------------------------------------------------------------------
+
 
 def export_onnx(module, path, example, opset):
     """torch.export-based ONNX export with a dynamic batch axis on x, t, y (and so on out). The graph is
@@ -73,7 +113,6 @@ def export_onnx(module, path, example, opset):
                           dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
                           opset_version=opset, dynamo=True, verbose=False,
                           external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit:
-                                                                 # weights in .onnx.data
 
 
 def graph_summary(path):
@@ -89,8 +128,241 @@ def graph_summary(path):
 
 
 # ----------------------------------------------------------------------------------------------
-#                                     TensorRT engine
+#                                   2. Check against PyTorch
 # ----------------------------------------------------------------------------------------------
+
+
+# How export.py checks what it exports against the PyTorch model before writing it: errors on random
+# inputs (parity) within tolerances; fp16 where it is really computed (the activations' headroom, the fp16
+# graph in fp16 arithmetic, the fp32 islands TensorRT must keep); a fixed-seed sampling run through each
+# backend. A check that fails is a one-line UserError, and the export writes nothing.
+#
+# The fp16 gate is per image: every image's relative L2 error, ||out_i - ref_i|| / ||ref_i|| over its
+# C x H x W outputs, must stay within FP16_TOLERANCE. One image's error does not depend on how many others
+# share its batch, so the gate means the same at batch 1 and at batch 256, and one broken image still fails
+# it. A maximum over every output of a batch (max|d| / max|ref|) is not that: it picks the extreme of
+# 256 x 1,024 rounding errors and grows with the batch. The engine check and the CPU checks of the fp16 model
+# and of the fp16 graph run the same batch sizes on the same inputs (check_batches, one seed), so that what
+# passes on the CPU passes the engine check for the same arithmetic. The tolerance leaves room for what
+# TensorRT's kernels may add on top of that arithmetic: its fused attention accumulates in fp16 unless Q, K
+# and V are upcast (TensorRT 11.3 release notes), which docs/results.md measures in an emulation.
+
+FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
+FP16_TOLERANCE = 1e-2   # every image's ||fp16 - PyTorch fp32|| / ||PyTorch fp32|| (see the docstring)
+FP16_MAX = 65504.0      # largest finite fp16
+FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
+CHECK_CFG = 2.0         # guidance of the fixed-seed check runs: a doubled batch, as in sampling
+
+
+def check_batches(max_batch):
+    """The batch sizes every fp16 check runs: 1, 7 and the engine profile's largest, max_batch."""
+    return sorted({1, min(7, max_batch), max_batch})
+
+
+def errors(ref, out):
+    """Errors of out against ref: max-abs, relative (max|d| / max|ref|), relative L2 over the batch
+    (||d|| / ||ref||) and the largest relative L2 of one image (the fp16 gate)."""
+    out, ref = out.double().cpu(), ref.double().cpu()
+    d = out - ref
+    scale, norm = ref.abs().max().item(), ref.norm().item()
+    per_image = d.flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp(min=1e-12)    # (N,)
+    return {"max_abs": d.abs().max().item(), "rel": d.abs().max().item() / max(scale, 1e-12),
+            "rel_l2": d.norm().item() / max(norm, 1e-12), "image_rel_l2": per_image.max().item(),
+            "ref_max": scale}
+
+
+def random_inputs(config, num_timesteps, n, generator):
+    """Random x ~ N(0, I), t uniform over [0, T), y over every class and the null class."""
+    x = torch.randn((n, *config.image_shape), generator=generator)
+    t = torch.randint(0, num_timesteps, (n,), generator=generator)
+    y = torch.randint(0, config.num_classes + 1, (n,), generator=generator)
+    return x, t, y
+
+
+def parity(reference, candidate, config, num_timesteps, batch_sizes=(1, 7), seed=0):
+    """Errors of candidate against reference on the same random inputs, one row per batch size."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in batch_sizes:
+        x, t, y = random_inputs(config, num_timesteps, n, g)
+        rows.append({"batch": n, **errors(reference(x, t, y), candidate(x, t, y))})
+    return rows
+
+
+def check_tolerance(rows, precision, name):
+    """Fail loudly when an exported graph computes something else than the PyTorch model."""
+    for r in rows:
+        if precision == "fp32" and r["max_abs"] > FP32_ATOL * max(1.0, r["ref_max"]):
+            raise UserError(f"{name} differs from PyTorch by max-abs {r['max_abs']:.2e} > {FP32_ATOL:.0e} "
+                            f"at batch {r['batch']}: the export is wrong, do not deploy it")
+        if precision == "fp16" and not r["image_rel_l2"] <= FP16_TOLERANCE:
+            raise UserError(f"{name} differs from PyTorch by {r['image_rel_l2']:.2e} > {FP16_TOLERANCE:.0e} "
+                            f"(one image's relative L2) at batch {r['batch']}: fp16 loses too much for this "
+                            f"model; deploy model.onnx (fp32)")
+
+
+def print_parity(name, rows):
+    for r in rows:
+        print(f"  {name:16s} batch {r['batch']:3d}: max-abs {r['max_abs']:.2e}  rel {r['rel']:.2e}  "
+              f"rel-L2 {r['rel_l2']:.2e}  worst image rel-L2 {r['image_rel_l2']:.2e}  "
+              f"(max|ref| {r['ref_max']:.2f})")
+
+
+def fixed_seed_sample(fn, diffusion, config, steps, seed, cfg_scale, num=8, device="cpu"):
+    """A short deterministic DDIM run (eta 0): the same seed gives the same noise on every backend."""
+    labels = ((torch.arange(num) + seed) % config.num_classes).tolist()
+    return draw_samples(fn, diffusion, config, labels, torch.Generator().manual_seed(seed), sampler="ddim",
+                        steps=steps, cfg_scale=cfg_scale, batch_size=num, device=device)
+
+
+def check_engine(torch_fn, engine_fn, diffusion, config, max_batch, steps, seed, device="cuda"):
+    """The engine against the PyTorch model on the same GPU, only at batch sizes its profile [1, max_batch]
+    accepts: parity at check_batches(max_batch), on the inputs export's CPU checks used, and a guided
+    fixed-seed DDIM run of up to 8 digits (guidance doubles the batch, so max_batch // 2 at most).
+    Returns (parity rows, pixel difference)."""
+    rows = parity(torch_fn, engine_fn, config, diffusion.num_timesteps, batch_sizes=check_batches(max_batch),
+                  seed=seed)
+    print_parity("TRT fp16 vs torch", rows)
+    check_tolerance(rows, "fp16", ENGINE_NAME)
+    num = min(8, max_batch // 2)
+    reference = fixed_seed_sample(torch_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
+    images = fixed_seed_sample(engine_fn, diffusion, config, steps, seed, CHECK_CFG, num=num, device=device)
+    ddim = pixel_difference(reference.cpu(), images.cpu())
+    print(f"  DDIM {steps} steps, CFG {CHECK_CFG:g}, seed {seed}, {num} images: engine vs PyTorch largest "
+          f"pixel difference {ddim['float']:.3f} / 255 (uint8: {ddim['uint8']})")
+    return rows, ddim
+
+
+def fp16_headroom(model, diffusion, config, steps, seed, device="cpu"):
+    """How far the model's activations stay below fp16's maximum: per-block peaks over the fixed-seed DDIM run
+    (two batches of 8, with guidance: real x_t from t = T-1 to 0) and over random inputs at five timesteps
+    (two batches each). Fails the export when the largest comes within FP16_MARGIN of 65504."""
+    fn, T = TorchBackend(model), diffusion.num_timesteps
+    with activation_peaks(model) as peaks:
+        for batch in range(2):
+            fixed_seed_sample(fn, diffusion, config, steps, seed + batch, CHECK_CFG, device=device)
+            g = torch.Generator().manual_seed(seed + batch)
+            for t in (0, T // 4, T // 2, 3 * T // 4, T - 1):
+                x, _, y = random_inputs(config, T, 8, g)
+                fn(x, torch.full_like(y, t), y)
+    peak = max(max(v) for v in peaks.values())
+    print("  activation peaks (max |residual stream| / max |Linear output|) per block: "
+          + "; ".join(f"{i}: {a:.1f}/{b:.1f}" for i, (a, b) in peaks.items()))
+    print(f"  largest activation {peak:.1f}: {FP16_MAX / max(peak, 1e-9):.0f}x below the fp16 maximum 65504 "
+          f"(the export requires {FP16_MARGIN}x)")
+    if not peak < FP16_MAX / FP16_MARGIN:
+        raise UserError(f"activations reach {peak:.0f}, within {FP16_MARGIN}x of fp16's maximum 65504: "
+                        f"the fp16 graph and engine could overflow; "
+                        f"this checkpoint cannot be exported in fp16")
+    return peak
+
+
+@contextlib.contextmanager
+def activation_peaks(model):
+    """Record, per DiT block, max |residual stream| (the block's output) and max |any Linear output| inside
+    it (qkv, attention proj, MLP, adaLN modulation): how close fp16 (max 65504) comes to overflowing."""
+    peaks, handles = {}, []
+
+    def track(i, slot):
+        def hook(module, inputs, output):
+            peaks[i][slot] = max(peaks[i][slot], output.detach().abs().max().item())
+        return hook
+    for i, block in enumerate(model.blocks):
+        peaks[i] = [0.0, 0.0]
+        handles.append(block.register_forward_hook(track(i, 0)))
+        handles += [m.register_forward_hook(track(i, 1)) for m in block.modules() if isinstance(m, nn.Linear)]
+    try:
+        yield peaks
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _fp16_matmul(a, b):
+    """An fp16 matrix product as fp16 GEMMs compute it (and numpy's own fp16 matmul): fp16 inputs, fp32
+    sums, the result rounded to fp16. Through BLAS in fp32, where numpy's fp16 loop has no BLAS."""
+    if a.dtype != np.float16:
+        return np.matmul(a, b)
+    return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
+
+
+def fp16_graph(model):
+    """The fp16 graph (a path or a loaded ONNX model) as TensorRT receives it, computed in fp16, as a backend
+    f(x, t, y) -> out: onnx's reference runtime evaluates every node with numpy at the graph's declared
+    types, so each fp16 node's result is rounded to fp16, where ONNX Runtime's CPU provider upcasts fp16
+    nodes to fp32. Its .heavy says how many MatMul/Gemm/Conv/Attention nodes computed in fp16 on the last
+    call."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    from onnx.reference.op_run import OpRun
+
+    class MatMul(OpRun):
+        def _run(self, a, b):
+            return (_fp16_matmul(a, b),)
+
+    class Gemm(OpRun):
+        """ONNX Gemm: alpha A'B' + beta C, each step at the inputs' type, as the reference runtime's own."""
+        def _run(self, a, b, c=None, alpha=None, beta=None, transA=None, transB=None):
+            out = _fp16_matmul(a.T if transA else a, b.T if transB else b) * a.dtype.type(alpha)
+            return (out if c is None else out + c * a.dtype.type(beta),)
+
+    graph = onnx.load(model) if isinstance(model, (str, os.PathLike)) else model
+    evaluator = ReferenceEvaluator(graph, new_ops=[MatMul, Gemm])
+    heavy = [n.output[0] for n in graph.graph.node if n.op_type in ("MatMul", "Gemm", "Conv", "Attention")]
+
+    def run(x, t, y):
+        with np.errstate(over="ignore", invalid="ignore"):        # an overflow shows as inf or NaN
+            values = evaluator.run(None, {"x": x.cpu().numpy(), "t": t.cpu().numpy(), "y": y.cpu().numpy()},
+                                   intermediate=True)
+        run.heavy = f"{sum(values[name].dtype == np.float16 for name in heavy)}/{len(heavy)}"
+        return torch.from_numpy(values["out"]).to(x.device)
+    return run
+
+
+def fp16_arithmetic(path, reference, config, num_timesteps, seed, max_batch):
+    """The fp16 graph computed in fp16 (fp16_graph) against PyTorch fp32, at the engine check's batch sizes
+    and inputs; inf or NaN fails. Returns the parity rows, each with how many matmuls computed in fp16."""
+    graph_fn = fp16_graph(path)
+    rows = parity(reference, graph_fn, config, num_timesteps, batch_sizes=check_batches(max_batch), seed=seed)
+    for r in rows:
+        r["matmuls_in_fp16"] = graph_fn.heavy
+        if not np.isfinite(r["max_abs"]):
+            raise UserError(f"{os.path.basename(path)} computed in fp16 gives inf or NaN: fp16 overflows for "
+                            f"this model; deploy model.onnx (fp32)")
+    return rows
+
+
+def fp32_islands(path):
+    """For the fp16 graph: {op: (nodes computing in fp32, nodes)} for LayerNormalization, Sin, Cos, and
+    the number of Casts. TensorRT 11 keeps each tensor in its ONNX type, so these must read n/n."""
+    import onnx
+    model = onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False))
+    g = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    islands = {}
+    for op in ("LayerNormalization", "Sin", "Cos"):
+        nodes = [n for n in g.node if n.op_type == op]
+        islands[op] = (sum(types.get(n.input[0]) == onnx.TensorProto.FLOAT for n in nodes), len(nodes))
+    islands["Cast"] = sum(n.op_type == "Cast" for n in g.node)
+    return islands
+
+
+def check_fp32_islands(path, name):
+    """TensorRT 11 keeps each tensor in its ONNX type: LayerNorm and sin/cos must compute in fp32."""
+    islands = fp32_islands(path)
+    counts = {k: v for k, v in islands.items() if k != "Cast"}
+    print("  fp32 islands: " + ", ".join(f"{op} {a}/{b}" for op, (a, b) in counts.items())
+          + f", {islands['Cast']} Casts")
+    if any(a != b for a, b in counts.values()):
+        raise UserError(f"{name}: some LayerNorm or sin/cos nodes compute in fp16 (overflow risk in "
+                        f"TensorRT); dit.py must keep layer_norm_fp32 and an fp32 timestep embedding")
+
+
+# ----------------------------------------------------------------------------------------------
+#                                 3. Build the TensorRT engine
+# ----------------------------------------------------------------------------------------------
+
 
 def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, workspace_gb=4):
     """Build a TensorRT 11 engine from the fp16 ONNX (strongly typed: no precision flags exist).
@@ -136,25 +408,8 @@ def build_engine(onnx_path, engine_path, cache_path, chw, batches, opt_level=3, 
 
 
 # ----------------------------------------------------------------------------------------------
-#                                           main
+#                     main: each stage's files written only once they pass
 # ----------------------------------------------------------------------------------------------
-
-def remove_dead_exports(out_dir):
-    """The temp folders of exports that were killed (.export-<pid>-*, the pid no longer running; older ones
-    without a pid), so they do not pile up."""
-    for name in os.listdir(out_dir):
-        match = re.fullmatch(r"\.export-(?:(\d+)-)?\w+", name)
-        if not match or not os.path.isdir(os.path.join(out_dir, name)):
-            continue
-        if match.group(1):
-            try:
-                os.kill(int(match.group(1)), 0)          # signal 0: only asks whether the process exists
-                continue
-            except ProcessLookupError:
-                pass
-            except PermissionError:                       # it exists, owned by someone else
-                continue
-        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
 
 
 def export_metadata(ckpt_path, weights_flag, opset, model, diffusion, class_names, ckpt):
@@ -285,7 +540,7 @@ def build_checked_engine(model, diffusion, meta, out_dir, batch_size, max_batch,
 
 
 def main(argv=None):
-    args = parse_export_args(argv)
+    args = parse_args(argv)
     if args.opset == EXPERIMENTAL_OPSET:
         print(f"note: opset {args.opset} is experimental: "
               f"its ONNX Attention nodes are new to TensorRT's importer")

@@ -11,29 +11,141 @@ Sampling uses the EMA weights unless --no-ema. Noise for all images is drawn up 
 CPU generator seeded with --seed, so a seed gives the same images whatever --batch-size or device
 (exactly so for the deterministic samplers: ddim with eta 0, dpm++2m).
 
-This file is also the sampling loop and the PNG grids of infer_trt.py, train.py's progress grids, export.py's
-checks and tools/evaluate.py: labels -> starting noise -> diffusion.sample over batches, one way everywhere.
+Read top to bottom: the flags -> the model call in PyTorch -> a model from a checkpoint -> labels -> the
+batch loop around diffusion.sample -> PNG grids -> main. train.py's progress grids, export.py's checks,
+infer_trt.py and the tools sample through the same loop. The sampling flags and their defaults are shared
+with infer_trt.py (support.add_sampling_args).
 """
+import contextlib
+import copy
 import os
 import re
 import sys
 
-from cli import run_cli
-from recipe import parse_sample_args
+from support import (ArgumentParser, UserError, add_sampling_args, check_sampling_args, checkpoint_or_shipped,
+                     run_cli)
+
+
+def sample_parser():
+    p = ArgumentParser(description="Sample a grid of digits (or any classes) from a DiT checkpoint.")
+    p.add_argument("--ckpt", default=None, help="checkpoint written by train.py, RUN/ckpt.pt "
+                   "(None: the shipped model, checkpoints/dit-t4-mnist.pt)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw trained weights instead of their EMA")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="weights' dtype for the network (bf16 is faster on CPUs with AMX/AVX512-BF16)")
+    add_sampling_args(p, default_out="runs/samples.png")
+    return p
+
+
+def parse_args(argv):
+    return check_sampling_args(sample_parser().parse_args(argv))
+
 
 if __name__ == "__main__":
-    run_cli(lambda: parse_sample_args(sys.argv[1:]))   # --help answers before torch loads
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help answers before torch loads
 
+# ruff: noqa: E402
+# PyTorch and the modules that use it load only here, after the flags.
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 
-from backends import TorchBackend
-from checkpoint import checkpoint_or_shipped, model_from_checkpoint
-from cli import Progress, UserError, pick_device
 from data import to_uint8
-from guard import atomic_write, check_writable, refuse_overwrite
-from recipe import DEFAULT_NUM_SAMPLES, sampling_values
+from diffusion import DiffusionConfig, GaussianDiffusion
+from dit import DiT, DiTConfig
+from support import (DEFAULT_NUM_SAMPLES, Progress, atomic_write, check_writable, first_line, load_checkpoint,
+                     pick_device, refuse_overwrite, sampling_values)
+
+# ----------------------------------------------------------------------------------------------
+#                                   The model call in PyTorch
+# ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def tf32(enabled):
+    """TF32 on or off for CUDA matmuls and cuDNN convolutions inside the block, as before it afterwards.
+    TF32 rounds fp32 inputs to 10 mantissa bits: free speed in training, but a comparison's fp32 reference
+    must be IEEE fp32 (cuDNN allows TF32 by default, so it is turned off explicitly)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+class LowPrecision(nn.Module):
+    """A bf16/fp16 copy of the model behind float32 inputs and output, so the sampler's math stays fp32.
+
+    Casting the weights once beats autocast, which re-casts every weight on every call. dit.py keeps the
+    numerically fragile parts (timestep sin/cos, LayerNorm statistics) in fp32 whatever the weights' dtype,
+    so the fp16 ONNX graph exported from this module keeps them in fp32 too.
+    """
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model = copy.deepcopy(model).to(dtype).eval()
+        self.config = model.config
+
+    def forward(self, x, t, y):
+        return self.model(x.to(next(self.model.parameters()).dtype), t, y).float()
+
+
+class TorchBackend:
+    """The PyTorch model as diffusion.py's model_fn(x, t, y) -> out, eager: the reference every other backend
+    (ONNX Runtime, TensorRT) is compared against, so its fp32 is IEEE fp32, whatever the process set for TF32.
+    dtype bf16/fp16: a low-precision copy of the weights (LowPrecision). meta: the checkpoint it came from."""
+
+    def __init__(self, model, dtype=None, meta=None):
+        self.net = model.eval() if dtype in (None, torch.float32) else LowPrecision(model, dtype)
+        self.device = next(model.parameters()).device
+        self.meta = meta
+
+    @torch.no_grad()
+    def __call__(self, x, t, y):
+        d = self.device
+        with tf32(False):
+            return self.net(x.to(d, torch.float32), t.to(d), y.to(d)).float()
+
+
+# ----------------------------------------------------------------------------------------------
+#                                   A model from a checkpoint
+# ----------------------------------------------------------------------------------------------
+
+def configs_from_checkpoint(ckpt, path="checkpoint"):
+    """Rebuild (DiTConfig, DiffusionConfig) from the dicts stored in a checkpoint (or an export sidecar)."""
+    # A learn_sigma key in the diffusion config is ignored: the model config decides it, and the diffusion
+    # reads it off the network's output channels.
+    try:
+        diffusion = {k: v for k, v in ckpt["diffusion_config"].items() if k != "learn_sigma"}
+        return DiTConfig(**ckpt["model_config"]), DiffusionConfig(**diffusion)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} has a model config this code does not understand ({e}); "
+                        f"it was written by another version") from None
+
+
+def class_names_of(meta, model_config):
+    """A checkpoint's or sidecar's class names; "0", "1", ... for a file without them."""
+    return meta.get("class_names") or [str(i) for i in range(model_config.num_classes)]
+
+
+def model_from_checkpoint(path, device="cpu", use_ema=True):
+    """Checkpoint file -> (DiT in eval mode on device, GaussianDiffusion, class_names, checkpoint dict)."""
+    ckpt = load_checkpoint(path)
+    model_config, diffusion_config = configs_from_checkpoint(ckpt, path)
+    model = DiT(model_config)
+    if not use_ema and ckpt.get("sampling_only"):
+        raise UserError(f"{path} is a sampling-only checkpoint: it holds the EMA weights only; drop --no-ema "
+                        f"(or --weights model)")
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise UserError(f"{path}: weights do not match its model config ({first_line(e)}); "
+                        f"the file is corrupt") from None
+    return (model.to(device).eval(), GaussianDiffusion(diffusion_config),
+            class_names_of(ckpt, model_config), ckpt)
+
 
 # ----------------------------------------------------------------------------------------------
 #                                   Labels: text <-> classes
@@ -131,7 +243,7 @@ def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sample
 
 def draw_labelled(model_fn, diffusion, model_config, class_names, device, *, labels, num_samples, label_order,
                   seed, sampler, steps, cfg_scale, eta, thresholding, batch_size):
-    """What the sampling flags ask for (recipe.sampling_values): the labels, then their images from one
+    """What the sampling flags ask for (support.sampling_values): the labels, then their images from one
     generator seeded with `seed` -> (images, labels)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = choose_labels(labels, num_samples, label_order, class_names, generator)
@@ -186,7 +298,7 @@ PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def main(argv=None):
-    args = parse_sample_args(argv)
+    args = parse_args(argv)
     check_writable(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)

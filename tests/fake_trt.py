@@ -1,4 +1,4 @@
-"""A fake TensorRT 11.4 and a fake CUDA, for testing backends.TrtBackend and export.build_engine on a CPU.
+"""A fake TensorRT 11.4 and a fake CUDA, for testing infer_trt.TrtBackend and export.build_engine on a CPU.
 
 TensorRT cannot be installed on our machines. These fakes follow the contracts of the real libraries, not
 what our code happens to call, and fail where the real ones fail. Each contract names its source:
@@ -9,7 +9,7 @@ what our code happens to call, and fail where the real ones fail. Each contract 
         were recorded with; an error in a kernel is sticky (every later CUDA call in the process fails).
 An engine that Builder builds from an ONNX file holds that graph, as a real plan holds the network and its
 weights, and computes it in fp16 arithmetic: every node at the graph's types with fp16 results, through
-export_checks.fp16_graph (onnx's reference runtime), so its numbers carry the rounding a TensorRT fp16 engine
+export.fp16_graph (onnx's reference runtime), so its numbers carry the rounding a TensorRT fp16 engine
 has. A hand-made plan (plan_bytes without a graph, for the binding and CUDA-graph tests) computes
 out = 2 x + t per sample instead, which shows which memory was read and written. Either reads its inputs from
 and writes its output to the host addresses bound to it, through activation memory that its execution context
@@ -240,7 +240,7 @@ class ICudaEngine:
         self.graph = None                # the network it was built from, computed in fp16
         if onnx_bytes:
             import onnx
-            from export_checks import fp16_graph
+            from export import fp16_graph
             self.graph = fp16_graph(onnx.load_from_string(onnx_bytes))
 
     @property

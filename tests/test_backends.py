@@ -1,4 +1,4 @@
-"""backends.py and infer_trt.py on the tiny export of test_export.py: the ORT sampler against PyTorch,
+"""infer_trt.py on the tiny export of test_export.py: the ORT sampler against PyTorch,
 the sidecar refusing stale or foreign files, the one-line errors of infer_trt.py, and (only where
 TensorRT and a CUDA GPU exist) the engine end to end."""
 import gc
@@ -11,19 +11,17 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import recipe
+import support
 import export
-import export_checks
 import fake_trt as fake
 import infer_trt
-import backends
-from cli import UserError
-from checkpoint import model_from_checkpoint
+import sample
+from support import UserError
+from sample import model_from_checkpoint
 from test_export import cli_error, exported_tiny, make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NO_TRT = backends.trt_unavailable_reason() is not None
+NO_TRT = infer_trt.trt_unavailable_reason() is not None
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,11 @@ def fake_engine(tiny, folder, **changes):
     path = os.path.join(folder, "model_fp16.engine")
     with open(path, "wb") as f:
         f.write(b"not a real engine")
-    meta = {k: v for k, v in checkpoint.load_sidecar(artifact(tiny, "model_fp16.onnx")).items()
+    meta = {k: v for k, v in support.load_sidecar(artifact(tiny, "model_fp16.onnx")).items()
             if k not in ("format", "version", "artifact", "artifact_sha256")}
     meta.update(kind="engine", gpu={"name": "NVIDIA H100 80GB HBM3", "capability": [9, 0]},
                 profile={"min": 1, "opt": 32, "max": 256}, **changes)
-    checkpoint.write_sidecar(path, meta)
+    support.write_sidecar(path, meta)
     return path
 
 
@@ -63,8 +61,8 @@ def draw(fn, diffusion, config, sampler="ddim", device="cpu", steps=6, cfg_scale
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
 def test_ort_sample_equals_torch_sample(tiny, sampler):
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
-    ort_fn = backends.OrtBackend(artifact(tiny), ckpt_path=tiny["ckpt"])
-    reference = draw(backends.TorchBackend(model), diffusion, model.config, sampler)
+    ort_fn = infer_trt.OrtBackend(artifact(tiny), ckpt_path=tiny["ckpt"])
+    reference = draw(sample.TorchBackend(model), diffusion, model.config, sampler)
     images = draw(ort_fn, diffusion, model.config, sampler)
     assert images.shape == (4, 1, 16, 16) and images.abs().max() > 0.1
     assert (images - reference).abs().max().item() * 127.5 < 0.5       # < half a grey level of 255
@@ -73,7 +71,7 @@ def test_ort_sample_equals_torch_sample(tiny, sampler):
 def test_backend_call_contract(tiny):
     model, _, _, _ = model_from_checkpoint(tiny["ckpt"])
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([1, 2, 999]), torch.tensor([0, 10, 4])
-    for fn in (backends.TorchBackend(model), backends.open_backend("ort", artifact(tiny, "model_fp16.onnx"))):
+    for fn in (sample.TorchBackend(model), infer_trt.open_backend("ort", artifact(tiny, "model_fp16.onnx"))):
         out = fn(x, t, y)
         assert out.dtype == torch.float32 and out.shape == (3, 2, 16, 16) and out.device == x.device
 
@@ -81,7 +79,7 @@ def test_backend_call_contract(tiny):
 def test_sidecar_refuses_another_checkpoint(tiny, tmp_path):
     other = make_checkpoint(tmp_path / "other.pt", seed=1)
     with pytest.raises(UserError) as e:
-        backends.OrtBackend(artifact(tiny), ckpt_path=other)
+        infer_trt.OrtBackend(artifact(tiny), ckpt_path=other)
     msg = str(e.value)
     assert tiny["ckpt"] in msg and other in msg and f"rerun `python export.py --ckpt {other}`" in msg
 
@@ -89,36 +87,36 @@ def test_sidecar_refuses_another_checkpoint(tiny, tmp_path):
 def test_sidecar_refuses_changed_missing_or_foreign_files(tiny, tmp_path):
     copy = str(tmp_path / "model.onnx")
     with pytest.raises(UserError, match="does not exist; run `python export.py"):
-        checkpoint.load_sidecar(copy)
+        support.load_sidecar(copy)
     shutil.copy(artifact(tiny), copy)
     with pytest.raises(UserError, match=r"model\.onnx\.json is missing"):
-        checkpoint.load_sidecar(copy)
+        support.load_sidecar(copy)
     shutil.copy(artifact(tiny) + ".json", copy + ".json")
-    checkpoint.check_sidecar(checkpoint.load_sidecar(copy), copy)            # an intact copy is fine
+    support.check_sidecar(support.load_sidecar(copy), copy)            # an intact copy is fine
     with open(copy, "ab") as f:
         f.write(b"\0")
     with pytest.raises(UserError, match="differs from the file its sidecar describes"):
-        backends.OrtBackend(copy)
+        infer_trt.OrtBackend(copy)
     with open(copy + ".json", "w") as f:
         f.write("{not json")
     with pytest.raises(UserError, match="not a readable sidecar"):
-        checkpoint.load_sidecar(copy)
+        support.load_sidecar(copy)
 
 
 def test_engine_sidecar_refuses_another_gpu(tiny, tmp_path):
     path = fake_engine(tiny, str(tmp_path))
-    meta = checkpoint.load_sidecar(path)
-    checkpoint.check_sidecar(meta, path, gpu_name="NVIDIA H100 80GB HBM3")
+    meta = support.load_sidecar(path)
+    support.check_sidecar(meta, path, gpu_name="NVIDIA H100 80GB HBM3")
     with pytest.raises(UserError, match=r"built for GPU 'NVIDIA H100 80GB HBM3', this machine has 'Tesla T4'"):
-        checkpoint.check_sidecar(meta, path, gpu_name="Tesla T4")
+        support.check_sidecar(meta, path, gpu_name="Tesla T4")
 
 
 def test_profile_check_message():
     meta = {"profile": {"min": 1, "opt": 32, "max": 256}}
-    backends.check_profile(meta, 1)
-    backends.check_profile(meta, 256)
+    infer_trt.check_profile(meta, 1)
+    infer_trt.check_profile(meta, 256)
     with pytest.raises(UserError) as e:
-        backends.check_profile(meta, 300)
+        infer_trt.check_profile(meta, 300)
     assert str(e.value).startswith("batch 300 is outside the engine's profile [1, 256]")
     assert str(e.value).endswith("rebuild with export.py --max-batch 300")
 
@@ -126,9 +124,9 @@ def test_profile_check_message():
 @pytest.mark.skipif(not NO_TRT, reason="TensorRT and a GPU are present here")
 def test_without_tensorrt_nothing_touches_it():
     with pytest.raises(UserError, match=r"TensorRT is not installed|no CUDA GPU"):
-        backends.import_tensorrt()
+        infer_trt.import_tensorrt()
     with pytest.raises(UserError, match="use --backend ort"):
-        backends.TrtBackend("missing.engine", meta={"model_config": {}})
+        infer_trt.TrtBackend("missing.engine", meta={"model_config": {}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,7 +180,7 @@ def test_infer_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch):
     engine = fake_engine(tiny, str(tmp_path))
     err = cli_error(capsys, infer_trt.main, ["--engine", engine, "--backend", "trt", "--ckpt", other])
     assert "model_fp16.engine was exported from checkpoint" in err
-    monkeypatch.setattr(backends, "current_gpu_name", lambda device="cuda": "Tesla T4")
+    monkeypatch.setattr(infer_trt, "current_gpu_name", lambda device="cuda": "Tesla T4")
     err = cli_error(capsys, infer_trt.main, ["--engine", engine, "--backend", "trt"])
     assert "built for GPU 'NVIDIA H100 80GB HBM3', this machine has 'Tesla T4'" in err
     os.remove(engine)
@@ -194,24 +192,24 @@ def test_infer_bad_input_is_one_line(tiny, tmp_path, capsys, monkeypatch):
 #                          TensorRT end to end (GPU + TensorRT only)
 # ----------------------------------------------------------------------------------------------
 
-@pytest.mark.skipif(NO_TRT, reason="needs TensorRT and a CUDA GPU (backends.trt_unavailable_reason())")
+@pytest.mark.skipif(NO_TRT, reason="needs TensorRT and a CUDA GPU (infer_trt.trt_unavailable_reason())")
 def test_tensorrt_engine_end_to_end(tiny, tmp_path, capsys):
     onnx_path = artifact(tiny, "model_fp16.onnx")
     engine, cache = str(tmp_path / "model_fp16.engine"), str(tmp_path / "model_fp16.timing.cache")
     version = export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16), opt_level=1)
     assert os.path.getsize(engine) > 0 and os.path.getsize(cache) > 0
-    meta = {k: v for k, v in checkpoint.load_sidecar(onnx_path).items()
+    meta = {k: v for k, v in support.load_sidecar(onnx_path).items()
             if k not in ("format", "version", "artifact", "artifact_sha256")}
-    checkpoint.write_sidecar(engine, {**meta, "kind": "engine", "versions": {"tensorrt": version},
-                                    "gpu": {"name": backends.current_gpu_name()},
+    support.write_sidecar(engine, {**meta, "kind": "engine", "versions": {"tensorrt": version},
+                                    "gpu": {"name": infer_trt.current_gpu_name()},
                                     "profile": {"min": 1, "opt": 8, "max": 16}})
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"], "cuda")
-    torch_fn = backends.TorchBackend(model)
-    plain = backends.TrtBackend(engine, ckpt_path=tiny["ckpt"])
-    graphed = backends.TrtBackend(engine, cuda_graph=True)
-    rows = export_checks.parity(torch_fn, plain, model.config, diffusion.num_timesteps, batch_sizes=(1, 7, 16))
+    torch_fn = sample.TorchBackend(model)
+    plain = infer_trt.TrtBackend(engine, ckpt_path=tiny["ckpt"])
+    graphed = infer_trt.TrtBackend(engine, cuda_graph=True)
+    rows = export.parity(torch_fn, plain, model.config, diffusion.num_timesteps, batch_sizes=(1, 7, 16))
     assert all(r["rel"] < 1e-2 for r in rows), rows
-    x, t, y = (v.cuda() for v in export_checks.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0)))
+    x, t, y = (v.cuda() for v in export.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0)))
     first = graphed(x, t, y)
     gc.collect()                                   # the graph's execution context must survive this
     assert torch.equal(first, plain(x, t, y)) and torch.equal(graphed(x, t, y), first)   # replays, same answer
@@ -241,10 +239,10 @@ def fake_trt(tmp_path, monkeypatch):
     def make(cuda_graph, streams_weights=False, **options):
         cuda.install(monkeypatch)
         trt = fake.fake_tensorrt(cuda, **options)
-        monkeypatch.setattr(backends, "import_tensorrt", lambda: trt)
-        monkeypatch.setattr(backends, "_TRT_LOGGER", [])
+        monkeypatch.setattr(infer_trt, "import_tensorrt", lambda: trt)
+        monkeypatch.setattr(infer_trt, "_TRT_LOGGER", [])
         (tmp_path / "fake.engine").write_bytes(fake.plan_bytes((1, 4, 4), PROFILE, streams_weights))
-        backend = backends.TrtBackend(str(tmp_path / "fake.engine"), cuda_graph=cuda_graph, meta={"profile": {}})
+        backend = infer_trt.TrtBackend(str(tmp_path / "fake.engine"), cuda_graph=cuda_graph, meta={"profile": {}})
         backend.device = torch.device("cpu")            # the fake computes on host memory
         return backend, cuda.events, trt.runtimes[0]
     make.cuda = cuda
@@ -360,14 +358,14 @@ def test_trt_backend_binds_aligned_copies_of_views_at_an_offset(fake_trt, cuda_g
     x, t, y = inputs(9)
     for view in ((x[1:], t[1:], y[1:]), (x[3:7], t[3:7], y[3:7])):
         assert torch.equal(backend(*view), expected(view[0], view[1]))
-    assert backends.aligned(x[1:]).data_ptr() % 256 == 0 and torch.equal(backends.aligned(x[1:]), x[1:])
+    assert infer_trt.aligned(x[1:]).data_ptr() % 256 == 0 and torch.equal(infer_trt.aligned(x[1:]), x[1:])
     for dtype in (torch.float16, torch.float32, torch.int64):
-        assert backends.empty_aligned((3, 5), dtype, "cpu").data_ptr() % 256 == 0
+        assert infer_trt.empty_aligned((3, 5), dtype, "cpu").data_ptr() % 256 == 0
 
 
 def test_trt_backend_checks_every_address_it_binds(fake_trt, monkeypatch):
     backend, _, _ = fake_trt(cuda_graph=False)
-    monkeypatch.setattr(backends, "aligned", lambda v: v)       # as if the copy were skipped
+    monkeypatch.setattr(infer_trt, "aligned", lambda v: v)       # as if the copy were skipped
     x, t, y = inputs(9)
     with pytest.raises(UserError, match=r"TensorRT refused the address of (x|t|y) .*aligned to 256 bytes"):
         for start in range(1, 9):                              # some view is unaligned for certain
@@ -384,7 +382,7 @@ def test_fake_execute_refuses_unset_shapes_and_addresses(fake_trt):
     backend, _, _ = fake_trt(cuda_graph=False)
     context = backend.engine.create_execution_context()
     assert context.execute_async_v3(1) is False
-    x = backends.empty_aligned((2, 1, 4, 4), torch.float32, "cpu")
+    x = infer_trt.empty_aligned((2, 1, 4, 4), torch.float32, "cpu")
     assert context.set_input_shape("x", (2, 1, 4, 4)) and context.set_tensor_address("x", x.data_ptr())
     assert not context.set_input_shape("x", (9, 1, 4, 4)) and not context.set_input_shape("x", (2, 3, 4, 4))
     assert not context.set_tensor_address("t", x.data_ptr() + 4)
@@ -412,7 +410,7 @@ def engine_inputs(tmp_path, tiny):
 def install_builder(monkeypatch, **options):
     trt = fake.fake_tensorrt(**options)
     monkeypatch.setattr(export, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(backends, "_TRT_LOGGER", [])
+    monkeypatch.setattr(infer_trt, "_TRT_LOGGER", [])
     return trt
 
 
@@ -463,17 +461,17 @@ def test_an_engine_built_by_build_engine_computes_in_fp16_and_passes_the_engine_
     cuda = fake.FakeCuda()
     cuda.install(monkeypatch)
     trt = fake.fake_tensorrt(cuda)
-    monkeypatch.setattr(backends, "import_tensorrt", lambda: trt)
-    backend = backends.TrtBackend(engine, cuda_graph=cuda_graph, meta={"profile": {}})
+    monkeypatch.setattr(infer_trt, "import_tensorrt", lambda: trt)
+    backend = infer_trt.TrtBackend(engine, cuda_graph=cuda_graph, meta={"profile": {}})
     backend.device = torch.device("cpu")
     assert backend.meta["profile"] == {"min": 1, "max": 16}
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
-    x, t, y = export_checks.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0))
-    assert torch.equal(backend(x, t, y), export_checks.fp16_graph(onnx_path)(x, t, y))
-    rows, ddim = export_checks.check_engine(backends.TorchBackend(model), backend, diffusion, model.config, 16, 2, 0,
+    x, t, y = export.random_inputs(model.config, 1000, 5, torch.Generator().manual_seed(0))
+    assert torch.equal(backend(x, t, y), export.fp16_graph(onnx_path)(x, t, y))
+    rows, ddim = export.check_engine(sample.TorchBackend(model), backend, diffusion, model.config, 16, 2, 0,
                                             "cpu")
     assert [r["batch"] for r in rows] == [1, 7, 16]
-    assert all(1e-5 < r["image_rel_l2"] <= export_checks.FP16_TOLERANCE for r in rows), rows
+    assert all(1e-5 < r["image_rel_l2"] <= export.FP16_TOLERANCE for r in rows), rows
 
 
 def test_a_cuda_driver_too_old_for_tensorrt_is_one_line_and_auto_falls_back(tiny, tmp_path, monkeypatch, capsys):
@@ -486,27 +484,27 @@ def test_a_cuda_driver_too_old_for_tensorrt_is_one_line_and_auto_falls_back(tiny
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(backends, "_TRT_LOGGER", [])
-    reason = backends.trt_unavailable_reason()
+    monkeypatch.setattr(infer_trt, "_TRT_LOGGER", [])
+    reason = infer_trt.trt_unavailable_reason()
     assert reason.startswith("TensorRT 11.4.0.106-fake cannot start on this machine's CUDA driver, which PyTorch")
     assert fake.NULLPTR in reason and "R580" in reason and "tensorrt-cu12==11.4.*" in reason and "\n" not in reason
     folder = str(tmp_path / "deploy")
     shutil.copytree(tiny["dir"], folder)
     open(os.path.join(folder, "model_fp16.engine"), "wb").close()
-    args = recipe.parse_infer_args(["--engine", os.path.join(folder, "model_fp16.engine")])
+    args = infer_trt.parse_args(["--engine", os.path.join(folder, "model_fp16.engine")])
     assert infer_trt.choose_backend(args) == ("ort", os.path.join(folder, "model.onnx"))
     assert "note: not using the engine (TensorRT 11.4.0.106-fake cannot start" in capsys.readouterr().err
     with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
-        backends.import_tensorrt()
+        infer_trt.import_tensorrt()
     # Where a caller holds the module already, the builder and the runtime say the same in one line.
     trt = fake.fake_tensorrt(driver_too_old=True)
     monkeypatch.setattr(export, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(backends, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(infer_trt, "import_tensorrt", lambda: trt)
     onnx_path, engine, cache = engine_inputs(tmp_path, tiny)
     with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
         export.build_engine(onnx_path, engine, cache, (1, 16, 16), (1, 8, 16))
     with pytest.raises(UserError, match="cannot start on this machine's CUDA driver"):
-        backends.TrtBackend(os.path.join(folder, "model_fp16.engine"), meta={"profile": {}})
+        infer_trt.TrtBackend(os.path.join(folder, "model_fp16.engine"), meta={"profile": {}})
     assert not os.path.exists(engine)
 
 
@@ -534,7 +532,7 @@ class ProfileBound:
         self.fn, self.meta, self.batches = fn, {"profile": {"min": 1, "max": max_batch}}, set()
 
     def __call__(self, x, t, y):
-        backends.check_profile(self.meta, x.shape[0])
+        infer_trt.check_profile(self.meta, x.shape[0])
         self.batches.add(x.shape[0])
         return self.fn(x, t, y)
 
@@ -542,11 +540,11 @@ class ProfileBound:
 @pytest.mark.parametrize("batch_size,max_batch", [(4, 8), (1, 2), (3, 7), (2, 15), (32, 256)])
 def test_the_engine_check_stays_inside_the_profile_export_accepts(tiny, batch_size, max_batch, capsys):
     """Every --batch-size/--max-batch export.py accepts builds an engine its own check can run."""
-    args = recipe.parse_export_args(["--ckpt", tiny["ckpt"], "--batch-size", str(batch_size), "--max-batch", str(max_batch)])
+    args = export.parse_args(["--ckpt", tiny["ckpt"], "--batch-size", str(batch_size), "--max-batch", str(max_batch)])
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
-    torch_fn = backends.TorchBackend(model)
+    torch_fn = sample.TorchBackend(model)
     engine_fn = ProfileBound(torch_fn, args.max_batch)
-    rows, ddim = export_checks.check_engine(torch_fn, engine_fn, diffusion, model.config, args.max_batch, 2, 0, "cpu")
+    rows, ddim = export.check_engine(torch_fn, engine_fn, diffusion, model.config, args.max_batch, 2, 0, "cpu")
     assert max(engine_fn.batches) == max_batch and ddim["uint8"] == 0 and all(r["rel"] == 0 for r in rows)
 
 
@@ -560,17 +558,17 @@ def test_auto_backend_falls_back_when_tensorrt_is_found_but_does_not_import(tiny
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    reason = backends.trt_unavailable_reason()
+    reason = infer_trt.trt_unavailable_reason()
     assert reason.startswith("TensorRT is installed but does not import (libnvonnxparser.so.11")
     folder = str(tmp_path / "deploy")
     shutil.copytree(tiny["dir"], folder)
     open(os.path.join(folder, "model_fp16.engine"), "wb").close()
-    args = recipe.parse_infer_args(["--engine", os.path.join(folder, "model_fp16.engine")])
+    args = infer_trt.parse_args(["--engine", os.path.join(folder, "model_fp16.engine")])
     backend, path = infer_trt.choose_backend(args)
     assert backend == "ort" and path == os.path.join(folder, "model.onnx")
     assert "not using the engine (TensorRT is installed but does not import" in capsys.readouterr().err
     with pytest.raises(UserError, match="does not import .*use --backend ort"):
-        backends.import_tensorrt()
+        infer_trt.import_tensorrt()
 
 
 def test_a_failed_capture_gives_the_callers_stream_back(fake_trt):
@@ -605,5 +603,5 @@ def test_ort_and_torch_backends_never_import_tensorrt(tiny, monkeypatch):
     def forbidden():
         raise AssertionError("TensorRT looked up for a backend that does not use it")
     monkeypatch.setattr(infer_trt, "trt_unavailable_reason", forbidden)
-    assert infer_trt.choose_backend(recipe.parse_infer_args(["--onnx", artifact(tiny), "--backend", "ort"]))[0] == "ort"
-    assert infer_trt.choose_backend(recipe.parse_infer_args(["--ckpt", tiny["ckpt"], "--backend", "torch"]))[0] == "torch"
+    assert infer_trt.choose_backend(infer_trt.parse_args(["--onnx", artifact(tiny), "--backend", "ort"]))[0] == "ort"
+    assert infer_trt.choose_backend(infer_trt.parse_args(["--ckpt", tiny["ckpt"], "--backend", "torch"]))[0] == "torch"

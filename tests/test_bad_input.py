@@ -1,5 +1,5 @@
 """The bad-input matrix (issue: never a stack trace): each case runs a script's main() through
-cli.run_cli and checks exit status 2 and a single line on stderr that names the problem.
+support.run_cli and checks exit status 2 and a single line on stderr that names the problem.
 
 ONNX/engine cases (file from another checkpoint, another GPU, batch outside the engine profile, TensorRT
 missing) run against real exported files in tests/test_backends.py and tests/test_export.py."""
@@ -13,10 +13,8 @@ import sys
 import pytest
 import torch
 
-import checkpoint
-import recipe
+import support
 import tool_flags
-import cli
 import data
 import sample
 import train
@@ -32,7 +30,7 @@ def one_line_error(capsys, monkeypatch, script, main, argv):
     """Run main via run_cli; return the error line after checking exit status 2 and a single line."""
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_cli(main)
+        support.run_cli(main)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert err.count("\n") == 1 and err.startswith(f"{script}: error: "), err
@@ -42,8 +40,8 @@ def one_line_error(capsys, monkeypatch, script, main, argv):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    checkpoint.save_checkpoint(path, {"model_config": checkpoint.config_dict(TINY),
-                                  "diffusion_config": checkpoint.config_dict(DiffusionConfig(prediction="x0")),
+    support.save_checkpoint(path, {"model_config": support.config_dict(TINY),
+                                  "diffusion_config": support.config_dict(DiffusionConfig(prediction="x0")),
                                   "model": DiT(TINY).state_dict(), "ema": None, "step": 0,
                                   "class_names": [str(i) for i in range(10)]})
     return str(path)
@@ -59,7 +57,7 @@ class Evil:
 def resave(state, path):
     """torch.save a changed checkpoint with a fresh checksum, as a well-meaning tool would."""
     state = {k: v for k, v in state.items() if k != "sha256"}
-    torch.save({**state, "sha256": checkpoint.content_sha256(state)}, path)
+    torch.save({**state, "sha256": support.content_sha256(state)}, path)
 
 
 def flip_a_weight_byte(good, path):
@@ -85,7 +83,7 @@ def bad_checkpoints(folder, good):
     torch.save({"a": Evil()}, folder / "evil.pt")
     cases["pickled code"] = (folder / "evil.pt", "pickled code")
     with open(folder / "plain.pkl", "wb") as f:
-        pickle.dump({"format": checkpoint.CHECKPOINT_FORMAT}, f)
+        pickle.dump({"format": support.CHECKPOINT_FORMAT}, f)
     cases["plain pickle"] = (folder / "plain.pkl", "not a readable checkpoint")
     torch.save({"weights": torch.zeros(3)}, folder / "foreign.pt")
     cases["another project's .pt"] = (folder / "foreign.pt", "not a DiT checkpoint")
@@ -267,7 +265,7 @@ def test_one_sampling_step_works(ckpt, tmp_path, sampler):
     (["--prediction", "noise"], "argument --prediction: invalid choice: 'noise'"),
 ])
 def test_impossible_training_flags_are_one_line_before_torch_loads(tmp_path, capsys, monkeypatch, argv, words):
-    err = one_line_error(capsys, monkeypatch, "train.py", lambda: recipe.parse_train_args(argv), [])
+    err = one_line_error(capsys, monkeypatch, "train.py", lambda: train.parse_args(argv), [])
     assert words in err, err
 
 
@@ -275,7 +273,7 @@ def test_score_per_class_zero_is_one_line(capsys, monkeypatch):
     import evaluate
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(lambda: evaluate.main(["score", "--npz", "x.npz", "--per-class", "0"]))
+        support.run_cli(lambda: evaluate.main(["score", "--npz", "x.npz", "--per-class", "0"]))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err == "evaluate.py score: error: argument --per-class: must be an integer > 0, got 0\n"
 
@@ -307,8 +305,8 @@ def parsers():
     import export
     import infer_trt
     import bench
-    return {"train.py": recipe.train_parser(), "sample.py": sample_parser(), "export.py": parser_of(recipe.parse_export_args),
-            "infer_trt.py": recipe.infer_parser(), "tools/bench.py": parser_of(tool_flags.parse_bench_args),
+    return {"train.py": train.train_parser(), "sample.py": sample_parser(), "export.py": parser_of(export.parse_args),
+            "infer_trt.py": infer_trt.infer_parser(), "tools/bench.py": parser_of(tool_flags.parse_bench_args),
             **{f"tools/evaluate.py {c}": p for c, p in evaluate_subparsers().items()}}
 
 
@@ -332,7 +330,7 @@ def parser_of(parse_args):
 
 
 def sample_parser():
-    return parser_of(recipe.parse_sample_args)
+    return parser_of(sample.parse_args)
 
 
 def evaluate_subparsers():
@@ -349,42 +347,44 @@ def test_every_flag_has_help_and_shows_its_default():
             if action.dest in ("help", "command"):
                 continue
             assert action.help, f"{name} {action.option_strings} has no help text"
-        assert isinstance(parser, cli.ArgumentParser), name          # its --help shows every default
+        assert isinstance(parser, support.ArgumentParser), name          # its --help shows every default
 
 
 def test_sample_and_infer_trt_take_the_same_sampling_flags():
     import infer_trt
     flags = lambda p: {s for a in p._actions for s in a.option_strings}
-    shared = flags(sample_parser()) & flags(recipe.infer_parser())
+    shared = flags(sample_parser()) & flags(infer_trt.infer_parser())
     for flag in ("--labels", "--num-samples", "--sampler", "--steps", "--cfg-scale", "--eta", "--seed",
                  "--batch-size", "--out", "--device", "--threads"):
         assert flag in shared, flag
 
 
 def test_choices_spelled_out_for_fast_flags_match_the_code():
+    """The flags parse before PyTorch loads, so train.py and support.py spell out choices that diffusion.py and
+    data.py own: the copies must stay equal. The diffusion's defaults are the training flags' defaults, and the
+    flags are the settings' fields in order (so a checkpoint's "args" keep their layout)."""
     import dataclasses
     import diffusion
     import evaluate
     import infer_trt
     import mnist_cnn
-    choices = {a.dest: tuple(a.choices) for a in recipe.train_parser()._actions if a.choices}
-    assert choices["prediction"] == diffusion.PREDICTIONS and choices["timesteps"] == diffusion.TIMESTEP_DRAWS
+    choices = {a.dest: tuple(a.choices) for a in train.train_parser()._actions if a.choices}
+    assert choices["prediction"] == diffusion.PREDICTIONS == train.PREDICTIONS
+    assert choices["timestep_sampling"] == diffusion.TIMESTEP_SAMPLINGS
     assert choices["loss_weight"] == diffusion.LOSS_WEIGHTS and choices["schedule"] == diffusion.SCHEDULES
-    assert choices["dataset"] == data.DATASETS and recipe.SAMPLERS == diffusion.SAMPLERS
-    assert set(recipe.BACKENDS) == {"trt", "ort", "torch"} and tool_flags.CLASSIFIER == mnist_cnn.CLASSIFIER_PATH
-    # One home for the recipe: the diffusion's defaults are the training flags' defaults, and the flags are
-    # the settings' fields in order (so a checkpoint's "args" keep their layout).
-    settings, config = recipe.TrainSettings(), diffusion.DiffusionConfig()
-    for field in ("num_timesteps", "schedule", "prediction", "timesteps", "loss_weight", "snr_gamma"):
+    assert choices["dataset"] == data.DATASETS and support.SAMPLERS == diffusion.SAMPLERS
+    assert set(infer_trt.BACKENDS) == {"trt", "ort", "torch"} and tool_flags.CLASSIFIER == mnist_cnn.CLASSIFIER_PATH
+    settings, config = train.TrainSettings(), diffusion.DiffusionConfig()
+    for field in ("num_timesteps", "schedule", "prediction", "timestep_sampling", "loss_weight", "snr_gamma"):
         assert getattr(settings, field) == getattr(config, field), field
-    flags = [a.dest for a in recipe.train_parser()._actions if a.dest != "help"]
-    assert flags == [f.name for f in dataclasses.fields(recipe.TrainSettings)]
-    assert vars(recipe.train_parser().parse_args([])) == dataclasses.asdict(recipe.TrainSettings())
+    flags = [a.dest for a in train.train_parser()._actions if a.dest != "help"]
+    assert flags == [f.name for f in dataclasses.fields(train.TrainSettings)]
+    assert vars(train.train_parser().parse_args([])) == dataclasses.asdict(train.TrainSettings())
 
 
-def test_the_recipe_and_the_flags_load_without_torch():
+def test_the_flags_and_the_support_module_load_without_torch():
     import subprocess
-    code = "import recipe, cli, sys; print('torch' in sys.modules)"
+    code = "import support, sys; print('torch' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert res.stdout.strip() == "False", res.stderr
@@ -399,6 +399,6 @@ def test_evaluate_bad_input_is_one_line(capsys, monkeypatch, argv, words):
     import evaluate
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(lambda: evaluate.main(argv))
+        support.run_cli(lambda: evaluate.main(argv))
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and words in err, err

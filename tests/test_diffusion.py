@@ -224,13 +224,13 @@ def test_tiny_model_overfits_a_handful_of_images(prediction, factor):
 def test_logit_normal_timesteps_favour_the_middle_and_stay_in_range():
     g = torch.Generator().manual_seed(0)
     uniform = GaussianDiffusion(DiffusionConfig(prediction="eps")).draw_timesteps(20000, g)
-    middle = GaussianDiffusion(DiffusionConfig(timesteps="logit-normal")).draw_timesteps(20000, g)
+    middle = GaussianDiffusion(DiffusionConfig(timestep_sampling="logit-normal")).draw_timesteps(20000, g)
     for t in (uniform, middle):
         assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
     share = lambda t: ((t >= 250) & (t < 750)).float().mean().item()     # the middle half of the process
     assert share(uniform) == pytest.approx(0.5, abs=0.02) and share(middle) == pytest.approx(0.74, abs=0.02)
-    with pytest.raises(ValueError, match="unknown timestep draw"):
-        GaussianDiffusion(DiffusionConfig(timesteps="beta"))
+    with pytest.raises(ValueError, match="unknown timestep sampling 'beta'"):
+        GaussianDiffusion(DiffusionConfig(timestep_sampling="beta"))
 
 
 @pytest.mark.parametrize("prediction", ["x0", "eps", "v"])

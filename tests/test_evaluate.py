@@ -10,8 +10,8 @@ import torch
 
 import evaluate
 import mnist_cnn
-from cli import UserError
-from checkpoint import config_dict, save_checkpoint
+from support import UserError
+from support import config_dict, save_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 

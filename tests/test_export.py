@@ -12,10 +12,9 @@ import pytest
 import torch
 
 import export
-import export_checks
-from cli import UserError, run_cli
-from checkpoint import config_dict, file_sha256, load_checkpoint, save_checkpoint
-from checkpoint import model_from_checkpoint
+from support import UserError, run_cli
+from support import config_dict, file_sha256, load_checkpoint, save_checkpoint
+from sample import model_from_checkpoint
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
 
@@ -98,12 +97,12 @@ def test_export_prints_graph_size_parity_and_trt_skip(tiny):
 
 
 def test_fp16_graph_keeps_norm_and_timestep_in_fp32(tiny):
-    islands = export_checks.fp32_islands(os.path.join(tiny["dir"], "model_fp16.onnx"))
+    islands = export.fp32_islands(os.path.join(tiny["dir"], "model_fp16.onnx"))
     assert islands["LayerNormalization"] == (5, 5)        # 2 per block + the final layer
     assert islands["Sin"] == (1, 1) and islands["Cos"] == (1, 1)
     assert islands["Cast"] >= 12
     # The fp32 graph gives the check something to fail on: no Casts around its LayerNorms needed.
-    assert export_checks.fp32_islands(os.path.join(tiny["dir"], "model.onnx"))["Cast"] < islands["Cast"]
+    assert export.fp32_islands(os.path.join(tiny["dir"], "model.onnx"))["Cast"] < islands["Cast"]
 
 
 @pytest.mark.parametrize("name,precision", [("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")])
@@ -112,12 +111,12 @@ def test_onnx_runtime_matches_pytorch(tiny, name, precision):
     session = ort.InferenceSession(os.path.join(tiny["dir"], name), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(123)
     for n in (1, 5):
-        x, t, y = export_checks.random_inputs(model.config, diffusion.num_timesteps, n, g)
+        x, t, y = export.random_inputs(model.config, diffusion.num_timesteps, n, g)
         with torch.no_grad():
             ref = model(x, t, y)
         out = session.run(["out"], {"x": x.numpy(), "t": t.numpy(), "y": y.numpy()})[0]
         assert out.dtype == np.float32 and out.shape == (n, 2, 16, 16)
-        e = export_checks.errors(ref, torch.from_numpy(out))
+        e = export.errors(ref, torch.from_numpy(out))
         assert e["ref_max"] > 0.1, "a model that outputs ~0 would make the comparison meaningless"
         if precision == "fp32":
             assert e["max_abs"] < 1e-4, e
@@ -128,14 +127,14 @@ def test_onnx_runtime_matches_pytorch(tiny, name, precision):
 
 def test_tolerance_check_fails_with_clear_message():
     good = [{"batch": 1, "max_abs": 5e-5, "rel": 5e-5, "rel_l2": 1e-5, "image_rel_l2": 1e-5, "ref_max": 1.0}]
-    export_checks.check_tolerance(good, "fp32", "model.onnx")
+    export.check_tolerance(good, "fp32", "model.onnx")
     with pytest.raises(UserError, match=r"model\.onnx differs from PyTorch by max-abs 2\.00e-03 > 1e-04 at batch 7"):
-        export_checks.check_tolerance([{**good[0], "batch": 7, "max_abs": 2e-3}], "fp32", "model.onnx")
-    export_checks.check_tolerance([{**good[0], "rel": 3e-2}], "fp16", "model_fp16.onnx")    # one output's extreme
+        export.check_tolerance([{**good[0], "batch": 7, "max_abs": 2e-3}], "fp32", "model.onnx")
+    export.check_tolerance([{**good[0], "rel": 3e-2}], "fp16", "model_fp16.onnx")    # one output's extreme
     with pytest.raises(UserError, match=r"by 3\.00e-02 > 1e-02 \(one image's relative L2\) at batch 1"):
-        export_checks.check_tolerance([{**good[0], "image_rel_l2": 3e-2}], "fp16", "model_fp16.onnx")
+        export.check_tolerance([{**good[0], "image_rel_l2": 3e-2}], "fp16", "model_fp16.onnx")
     with pytest.raises(UserError, match=r"by nan > 1e-02"):
-        export_checks.check_tolerance([{**good[0], "image_rel_l2": float("nan")}], "fp16", "model_fp16.onnx")
+        export.check_tolerance([{**good[0], "image_rel_l2": float("nan")}], "fp16", "model_fp16.onnx")
 
 
 def test_the_fp16_gate_does_not_grow_with_the_batch_and_catches_one_broken_image():
@@ -146,16 +145,16 @@ def test_the_fp16_gate_does_not_grow_with_the_batch_and_catches_one_broken_image
     rows = {}
     for n in (1, 256):
         ref = torch.tanh(2 * torch.randn(n, 1, 32, 32, generator=g))
-        rows[n] = export_checks.errors(ref, ref + 2e-3 * torch.randn(ref.shape, generator=g))
+        rows[n] = export.errors(ref, ref + 2e-3 * torch.randn(ref.shape, generator=g))
     assert rows[256]["rel"] > 1.15 * rows[1]["rel"]
-    assert rows[256]["image_rel_l2"] < 1.1 * rows[1]["image_rel_l2"] < export_checks.FP16_TOLERANCE
+    assert rows[256]["image_rel_l2"] < 1.1 * rows[1]["image_rel_l2"] < export.FP16_TOLERANCE
     broken = ref.clone()
     broken[17] = -broken[17]
-    assert export_checks.errors(ref, broken)["image_rel_l2"] == pytest.approx(2.0)
+    assert export.errors(ref, broken)["image_rel_l2"] == pytest.approx(2.0)
 
 
 def test_sidecars_record_source_and_checks(tiny):
-    from checkpoint import load_sidecar
+    from support import load_sidecar
     ckpt = load_checkpoint(tiny["ckpt"])
     for name, precision in (("model.onnx", "fp32"), ("model_fp16.onnx", "fp16")):
         path = os.path.join(tiny["dir"], name)
@@ -180,7 +179,7 @@ def test_activation_peaks_are_the_block_outputs():
     x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
     outputs = []
     handle = model.blocks[1].register_forward_hook(lambda m, i, o: outputs.append(o.abs().max().item()))
-    with torch.no_grad(), export_checks.activation_peaks(model) as peaks:
+    with torch.no_grad(), export.activation_peaks(model) as peaks:
         model(x, t, y)
     handle.remove()
     assert set(peaks) == {0, 1} and peaks[1][0] == pytest.approx(outputs[0])
@@ -202,7 +201,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, tiny):
 
 def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
-    monkeypatch.setattr(export_checks, "FP32_ATOL", -1.0)         # every graph now "differs"
+    monkeypatch.setattr(export, "FP32_ATOL", -1.0)         # every graph now "differs"
     err = cli_error(capsys, export.main, ["--ckpt", ckpt])
     assert "model.onnx differs from PyTorch" in err and "do not deploy it" in err
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"], "a failed export must leave no ONNX, sidecar or temp folder"
@@ -214,17 +213,17 @@ def test_failed_check_writes_nothing(tmp_path, capsys, monkeypatch):
 
 def test_fp16_graph_computed_in_fp16_matches_pytorch(tiny):
     """ONNX Runtime's CPU provider computes fp16 nodes in fp32; onnx.reference computes them in fp16."""
-    from backends import TorchBackend
-    from checkpoint import load_sidecar
+    from sample import TorchBackend
+    from support import load_sidecar
     model, diffusion, _, _ = model_from_checkpoint(tiny["ckpt"])
     path = os.path.join(tiny["dir"], "model_fp16.onnx")
-    rows = export_checks.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0,
+    rows = export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0,
                                          max_batch=256)
     heavy = sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in onnx.load(path).graph.node)
     assert [r["batch"] for r in rows] == [1, 7, 256]
     for row in rows:
         assert row["matmuls_in_fp16"] == f"{heavy}/{heavy}" and heavy > 10
-        assert 1e-5 < row["image_rel_l2"] < export_checks.FP16_TOLERANCE and row["ref_max"] > 0.1   # fp16 rounding
+        assert 1e-5 < row["image_rel_l2"] < export.FP16_TOLERANCE and row["ref_max"] > 0.1   # fp16 rounding
     ort = load_sidecar(path)["checks"]["ort_vs_torch"][0]
     assert rows[0]["rel"] > ort["rel"], "fp16 arithmetic must err more than ORT's fp32 arithmetic on the same graph"
     assert load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"] == rows      # what the export itself measured
@@ -235,22 +234,22 @@ def test_the_fast_fp16_matmul_is_fp16_in_fp32_sums_out():
     """fp16_graph's MatMul through BLAS rounds as numpy's own fp16 matmul does (fp32 sums): 4,096 ones sum to
     4,096, which a running fp16 sum could not pass (2,048 + 1 = 2,048 in fp16)."""
     ones = np.ones((1, 4096), np.float16)
-    assert export_checks._fp16_matmul(ones, ones.T)[0, 0] == np.matmul(ones, ones.T)[0, 0] == 4096
+    assert export._fp16_matmul(ones, ones.T)[0, 0] == np.matmul(ones, ones.T)[0, 0] == 4096
     a, b = (np.random.RandomState(i).randn(9, 33).astype(np.float16) for i in (0, 1))
-    fast, slow = export_checks._fp16_matmul(a, b.T), np.matmul(a, b.T)
+    fast, slow = export._fp16_matmul(a, b.T), np.matmul(a, b.T)
     assert fast.dtype == np.float16 and np.abs(fast.astype(np.float32) - slow).max() <= 2 ** -10 * np.abs(slow).max()
 
 
 def test_fp16_arithmetic_catches_an_overflow(tmp_path):
     """Patch embeddings beyond 65504 are inf in fp16 (NaN after the LayerNorm): the check refuses the graph."""
-    from backends import LowPrecision, TorchBackend
+    from sample import LowPrecision, TorchBackend
     ckpt = make_checkpoint(tmp_path / "ckpt.pt")
     model, diffusion, _, _ = model_from_checkpoint(ckpt)
     with torch.no_grad():
         model.x_embedder.weight.mul_(1e6)             # fp16 weights up to ~5e4, their sums past 65504
     path = str(tmp_path / "model_fp16.onnx")
-    example = export_checks.random_inputs(model.config, 1000, 2, torch.Generator().manual_seed(0))
+    example = export.random_inputs(model.config, 1000, 2, torch.Generator().manual_seed(0))
     export.export_onnx(LowPrecision(model, torch.float16), path, example, 20)
     with pytest.raises(UserError, match="computed in fp16 gives inf or NaN"):
-        export_checks.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0,
+        export.fp16_arithmetic(path, TorchBackend(model), model.config, diffusion.num_timesteps, seed=0,
                                       max_batch=8)

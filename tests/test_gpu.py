@@ -9,8 +9,7 @@ import os
 import pytest
 import torch
 
-import checkpoint
-import cli
+import support
 import train
 from conftest import MNIST
 from diffusion import DiffusionConfig, GaussianDiffusion
@@ -18,7 +17,7 @@ from dit import DiT, DiTConfig
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-needs_bf16 = pytest.mark.skipif(not CUDA or not cli.has_fast_bf16("cuda"),
+needs_bf16 = pytest.mark.skipif(not CUDA or not support.has_fast_bf16("cuda"),
                                 reason="needs a CUDA GPU with bf16 (compute capability 8 or newer)")
 TINY = ["--hidden-size", "32", "--depth", "2", "--num-heads", "2", "--batch-size", "32", "--device", "cuda",
         "--data-dir", MNIST, "--sample-every", "0"]
@@ -63,7 +62,7 @@ def test_auto_amp_is_fp16_with_a_grad_scaler_before_ampere_and_bf16_after(monkey
 
 
 def test_a_cpu_never_gets_fp16_training():
-    with pytest.raises(cli.UserError, match="--amp fp16 needs a CUDA GPU"):
+    with pytest.raises(support.UserError, match="--amp fp16 needs a CUDA GPU"):
         train.pick_amp("fp16", torch.device("cpu"))
 
 
@@ -109,7 +108,7 @@ def test_amp_training_loss_falls(tmp_path, amp):
     train.main([*TINY, "--amp", amp, "--steps", "60", "--warmup", "10", "--log-every", "10", "--out", out])
     values = losses(out)
     assert len(values) == 6 and sum(values[-2:]) < 0.7 * sum(values[:2]), values
-    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = support.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -129,7 +128,7 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
     train.main([*args, "--steps", "8", "--out", whole])
     train.main([*args, "--steps", "4", "--out", halves])
     train.main([*args, "--steps", "8", "--out", halves, "--resume", "auto"])
-    a, b = (checkpoint.load_checkpoint(os.path.join(o, "ckpt.pt")) for o in (whole, halves))
+    a, b = (support.load_checkpoint(os.path.join(o, "ckpt.pt")) for o in (whole, halves))
     assert a["step"] == b["step"] == 8
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
@@ -163,7 +162,7 @@ def test_cuda_graph_and_compiled_sampling_equal_eager(dtype):
 @needs_cuda
 def test_sampling_on_cuda_draws_the_cpu_digits(tmp_path):
     """Deterministic samplers from the same seed: CUDA and CPU images agree to a fraction of a grey level."""
-    from backends import TorchBackend
+    from sample import TorchBackend
     from sample import draw_samples
     model, d = random_dit(), GaussianDiffusion(DiffusionConfig(prediction="x0"))
     images = {}

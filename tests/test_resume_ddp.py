@@ -17,9 +17,8 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import guard
-import cli
+import sample
+import support
 import train
 
 from conftest import MNIST, ROOT
@@ -69,7 +68,7 @@ def test_kill_and_resume_is_bit_exact(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)                  # no chance to clean up: the atomic checkpoint must survive
     proc.wait(timeout=30)
-    at_kill = checkpoint.load_checkpoint(os.path.join(killed, "ckpt.pt"))
+    at_kill = support.load_checkpoint(os.path.join(killed, "ckpt.pt"))
     assert 3 <= at_kill["step"] < 40, "the run finished before the kill; nothing was tested"
     train.main([*TINY, *steps, "--out", killed, "--resume", "auto"])
     train.main([*TINY, *steps, "--out", whole])
@@ -101,7 +100,7 @@ def test_ddp_matches_single_process_and_resumes(tmp_path):
         ckpt = load(out)
         assert ckpt["step"] == 8 and len(ckpt["rng"]["ranks"]) == 2
         assert not any(k.startswith("module.") for k in ckpt["model"])
-        model, _, _, _ = checkpoint.model_from_checkpoint(os.path.join(out, "ckpt.pt"))   # loads in one process
+        model, _, _, _ = sample.model_from_checkpoint(os.path.join(out, "ckpt.pt"))   # loads in one process
         reference = load(single)["ema"]                                             # sampling weights
         for k, v in model.state_dict().items():
             assert torch.allclose(v, reference[k], atol=1e-5), k
@@ -132,14 +131,14 @@ def test_a_second_run_on_the_same_folder_is_refused_until_the_first_ends(tmp_pat
     out = str(tmp_path / "run")
     first = start_training(out)
     try:
-        with pytest.raises(cli.UserError) as e:
+        with pytest.raises(support.UserError) as e:
             train.main([*TINY, "--steps", "100000", "--out", out, "--resume", "auto"])
         msg = str(e.value)
         assert f"{out} is in use by pid {first.pid} on " in msg and " since " in msg and "another --out" in msg
     finally:
         first.send_signal(signal.SIGKILL)     # killed: no clean-up, its lock must not outlive it
         first.wait(timeout=30)
-    step = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    step = support.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     train.main([*TINY, "--steps", str(step + 2), "--out", out, "--resume", "auto"])   # takes the lock over
     assert load(out)["step"] == step + 2
 
@@ -166,7 +165,7 @@ def test_a_full_disk_is_one_line_naming_the_last_good_checkpoint(tmp_path, monke
                 raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
         return real_save(obj, f, *a, **k)
     monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
-    with pytest.raises(guard.DiskFull) as e:
+    with pytest.raises(support.DiskFull) as e:
         train.main([*TINY, "--steps", "4", "--ckpt-every", "2", "--out", out])
     msg = str(e.value)
     assert msg.startswith(f"no space left on the disk of {out}; last good checkpoint: ") and "(step 2)" in msg
@@ -186,10 +185,10 @@ def test_a_really_full_disk(tmp_path):
         with pytest.raises(OSError), open(disk / "filler", "wb", buffering=0) as f:
             while True:                                  # fill the disk to the last byte
                 f.write(b"\0" * 4096)
-        with pytest.raises(guard.DiskFull, match=f"no space left on the disk of {disk} while writing grid.png"):
+        with pytest.raises(support.DiskFull, match=f"no space left on the disk of {disk} while writing grid.png"):
             sample.main(["--ckpt", str(tmp_path / "small" / "ckpt.pt"), "--num-samples", "64", "--steps", "1",
                          "--out", str(disk / "grid.png")])
-        with pytest.raises(guard.DiskFull, match="last good checkpoint: none was written yet"):
+        with pytest.raises(support.DiskFull, match="last good checkpoint: none was written yet"):
             train.main([*TINY, "--steps", "2", "--out", str(disk / "run")])
         assert not [n for n in os.listdir(disk) if n.endswith(".tmp")]
     finally:
@@ -223,7 +222,7 @@ def test_a_stopped_ddp_process_ends_the_run_within_the_timeout(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "another DDP process stopped answering for 5 s (--ddp-timeout) or died" in output, output[-3000:]
-    step = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
+    step = support.load_checkpoint(os.path.join(out, "ckpt.pt"))["step"]
     train.main([*TINY, "--steps", str(step + 2), "--out", out, "--resume", "auto"])   # resumable
     assert load(out)["step"] == step + 2
 
@@ -245,7 +244,7 @@ def test_sigterm_to_torchrun_checkpoints_on_every_rank_and_resumes(tmp_path):
     # torchrun forwards SIGTERM to the workers; they finish the step, rank 0 saves, and torchrun itself
     # then exits 1 with its own SignalException (its behaviour, which the README states).
     assert "stopped by SIGTERM at step" in output and proc.returncode == 1, output[-3000:]
-    ckpt = checkpoint.load_checkpoint(os.path.join(out, "ckpt.pt"))
+    ckpt = support.load_checkpoint(os.path.join(out, "ckpt.pt"))
     assert int(log_rows(out)[-1]["step"]) == ckpt["step"] > 0 and len(ckpt["rng"]["ranks"]) == 2
     train.main([*TINY, "--steps", str(ckpt["step"] + 2), "--out", out, "--resume", "auto"])
     assert load(out)["step"] == ckpt["step"] + 2

@@ -9,9 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import recipe
-import cli
+import support
 import data
 import export
 import infer_trt
@@ -120,11 +118,11 @@ def test_evaluate_keeps_the_samples_when_scoring_fails(tiny_ckpt, tmp_path, caps
     monkeypatch.chdir(tmp_path)
 
     def broken(*a, **k):
-        raise cli.UserError("the scoring broke")
+        raise support.UserError("the scoring broke")
     monkeypatch.setattr(evaluate, "score_images", broken)
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "score", "--ckpt", tiny_ckpt, "--per-class", "2"])
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(evaluate.main)
+        support.run_cli(evaluate.main)
     err = capsys.readouterr().err.splitlines()[-1]              # after the progress lines
     assert e.value.code == 2 and err.startswith("evaluate.py: error: the scoring broke") and "--npz" in err, err
     with np.load(tmp_path / "runs" / "evaluate-samples.npz") as z:
@@ -145,9 +143,9 @@ def test_bench_checks_json_and_that_onnx_is_the_checkpoints_before_measuring(tin
 def test_infer_trt_compare_finds_its_checkpoint_before_sampling(tiny, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "export"
     shutil.copytree(tiny["dir"], folder)
-    meta = checkpoint.load_sidecar(folder / "model.onnx")          # the checkpoint the sidecar names is gone:
+    meta = support.load_sidecar(folder / "model.onnx")          # the checkpoint the sidecar names is gone:
     meta["checkpoint"]["path"] = str(tmp_path / "gone" / "ckpt.pt")
-    checkpoint.write_sidecar(folder / "model.onnx", {k: v for k, v in meta.items() if k not in (
+    support.write_sidecar(folder / "model.onnx", {k: v for k, v in meta.items() if k not in (
         "format", "version", "artifact", "artifact_sha256", "sidecar_sha256")})
     monkeypatch.setattr(sample, "draw_samples", lambda *a, **k: pytest.fail("sampled before the check"))
     fails(capsys, monkeypatch, "infer_trt.py", ["--onnx", str(folder / "model.onnx"), "--compare", "--out",
@@ -160,14 +158,14 @@ def test_a_class_named_like_a_number_is_found_by_name():
     names = ["1", "3", "7"]
     assert sample.parse_labels("1 7 3", names) == [0, 2, 1]
     assert sample.parse_labels("2", names) == [2]                       # not a name: then an index
-    with pytest.raises(cli.UserError, match="out of range"):
+    with pytest.raises(support.UserError, match="out of range"):
         sample.parse_labels("9", names)
 
 
 def test_two_word_class_names_are_typed_with_underscores():
     names = ["T-shirt/top", "Ankle boot"]
     assert sample.parse_labels("ankle_boot t-shirt/top", names) == [1, 0]
-    with pytest.raises(cli.UserError, match="'ankle_boot'"):
+    with pytest.raises(support.UserError, match="'ankle_boot'"):
         sample.parse_labels("boot", names)
 
 
@@ -195,7 +193,7 @@ def test_ctrl_c_anywhere_is_one_line_and_exit_130(script, tiny_ckpt, tmp_path, c
     monkeypatch.setattr(target, name, interrupt)
     monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(lambda: SCRIPTS[script](argv))
+        support.run_cli(lambda: SCRIPTS[script](argv))
     err = capsys.readouterr().err
     assert e.value.code == 130 and err.count("\n") == 1 and "interrupted (Ctrl-C)" in err, err
     assert not os.path.exists(tmp_path / "run") and not [f for f in os.listdir(tmp_path) if f.startswith(".export")]
@@ -209,7 +207,7 @@ def test_out_of_memory_is_one_line_naming_the_flag(error, tiny_ckpt, tmp_path, c
     monkeypatch.setattr(sample, "draw_samples", exhausted)
     monkeypatch.setattr(sys, "argv", ["sample.py"])
     with pytest.raises(SystemExit) as e:
-        cli.run_cli(lambda: sample.main(["--ckpt", tiny_ckpt, "--out", str(tmp_path / "g.png")]),
+        support.run_cli(lambda: sample.main(["--ckpt", tiny_ckpt, "--out", str(tmp_path / "g.png")]),
                     memory_hint="lower --batch-size or --num-samples")
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "out of memory" in err and "--num-samples" in err, err
@@ -230,9 +228,9 @@ def test_export_removes_the_temp_folders_of_killed_exports(tiny, tmp_path, monke
         d.mkdir()
 
     def stop(*a, **k):
-        raise cli.UserError("stopped after the clean-up")
+        raise support.UserError("stopped after the clean-up")
     monkeypatch.setattr(export, "export_onnx", stop)
-    with pytest.raises(cli.UserError):
+    with pytest.raises(support.UserError):
         export.main(["--ckpt", ckpt])
     assert not any(d.exists() for d in dead) and alive.exists()
 
@@ -269,7 +267,7 @@ def test_an_engine_without_tensorrt_says_tensorrt_is_absent(tiny, tmp_path, caps
 # ---------------------------------------------------------------- the newcomer's first impression
 
 def test_progress_shows_the_time_budget_as_the_bound(capsys):
-    p = cli.Progress(30_000, "step ", time_limit=1800, file=sys.stdout, budget="--max-minutes 30")
+    p = support.Progress(30_000, "step ", time_limit=1800, file=sys.stdout, budget="--max-minutes 30")
     p.update(1, force=True)
     p.first = (p.first[0] - 10, 1)                    # 18 steps in 10 s: 30,000 steps would take 4.6 hours
     p.update(19, force=True)
@@ -288,8 +286,8 @@ def test_training_grids_have_one_row_per_class(tmp_path):
 @pytest.mark.parametrize("script", ["train.py", "sample.py", "export.py", "infer_trt.py"])
 def test_help_names_each_default_once(script, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [script, "--help"])
-    parse = {"train.py": recipe.parse_train_args, "sample.py": recipe.parse_sample_args, "export.py": recipe.parse_export_args,
-             "infer_trt.py": recipe.parse_infer_args}[script]
+    parse = {"train.py": train.parse_args, "sample.py": sample.parse_args, "export.py": export.parse_args,
+             "infer_trt.py": infer_trt.parse_args}[script]
     with pytest.raises(SystemExit):
         parse(["--help"])
     text = " ".join(capsys.readouterr().out.split())
@@ -309,8 +307,8 @@ def test_compare_on_an_untrained_model_warns_that_it_shows_nothing(tmp_path, cap
     from diffusion import DiffusionConfig
     config = DiTConfig(image_size=8, patch_size=4, hidden_size=16, depth=1, num_heads=2)
     ckpt = str(tmp_path / "fresh.pt")                      # adaLN-Zero: a new DiT outputs exactly 0
-    checkpoint.save_checkpoint(ckpt, {"model_config": checkpoint.config_dict(config), "model": DiT(config).state_dict(),
-                               "diffusion_config": checkpoint.config_dict(DiffusionConfig(prediction="x0")), "step": 0})
+    support.save_checkpoint(ckpt, {"model_config": support.config_dict(config), "model": DiT(config).state_dict(),
+                               "diffusion_config": support.config_dict(DiffusionConfig(prediction="x0")), "step": 0})
     infer_trt.main(["--ckpt", ckpt, "--backend", "torch", "--compare", "--num-samples", "2",
                     "--out", str(tmp_path / "g.png")])
     out, err = capsys.readouterr()

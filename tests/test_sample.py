@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import cli
+import support
 import sample
 from diffusion import DiffusionConfig
 from dit import DiT, DiTConfig
@@ -28,9 +27,9 @@ def ckpt(tmp_path_factory):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = tmp_path_factory.mktemp("ckpt") / "ckpt.pt"
-    checkpoint.save_checkpoint(path, {
-        "model_config": checkpoint.config_dict(config),
-        "diffusion_config": checkpoint.config_dict(DiffusionConfig(prediction="x0")),
+    support.save_checkpoint(path, {
+        "model_config": support.config_dict(config),
+        "diffusion_config": support.config_dict(DiffusionConfig(prediction="x0")),
         "model": model.state_dict(), "ema": model.state_dict(), "step": 7,
         "class_names": [str(i) for i in range(10)], "dataset": "mnist"})
     return str(path)
@@ -102,7 +101,7 @@ def test_not_a_checkpoint_and_unwritable_out(ckpt, tmp_path, capsys, monkeypatch
 def check_one_line_error(capsys, monkeypatch, argv, message):
     monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_cli(sample.main)
+        support.run_cli(sample.main)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("sample.py: error:") and message in err, err

@@ -10,13 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-import checkpoint
-import cli
+import support
 import export
-import export_checks
 import infer_trt
 import plot_curve
-import recipe
 import sample
 import ship_checkpoint
 import train
@@ -37,8 +34,8 @@ def run(main, argv):
 
 
 def test_the_shipped_model_is_sampling_only_and_carries_its_record():
-    assert recipe.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
-    ckpt = checkpoint.load_checkpoint(SHIPPED)                      # checksummed
+    assert support.SHIPPED_CKPT == SHIPPED and os.path.getsize(SHIPPED) < 10e6
+    ckpt = support.load_checkpoint(SHIPPED)                      # checksummed
     assert ckpt["sampling_only"] and "optimizer" not in ckpt and "ema" not in ckpt
     assert ckpt["class_names"] == [str(d) for d in range(10)] and ckpt["dataset"] == "mnist"
     record = ckpt["training"]
@@ -93,22 +90,23 @@ def test_the_engine_check_passes_the_shipped_model_at_export_defaults(shipped_ex
     """The engine's arithmetic without TensorRT: the fp16 graph export wrote, computed in fp16, as the engine
     in export's own engine check, at its default --max-batch (256) and inputs. It passes, and export's CPU
     check had already measured the very same errors on the same inputs."""
-    from backends import TorchBackend, check_profile
+    from sample import TorchBackend
+    from infer_trt import check_profile
     folder, _, _ = shipped_export
-    args = recipe.parse_export_args([])
-    model, diffusion, _, _ = checkpoint.model_from_checkpoint(SHIPPED)
+    args = export.parse_args([])
+    model, diffusion, _, _ = sample.model_from_checkpoint(SHIPPED)
     path = str(folder / "runs" / "shipped" / "model_fp16.onnx")
-    graph, batches = export_checks.fp16_graph(path), []
+    graph, batches = export.fp16_graph(path), []
 
     def engine(x, t, y):                      # inside the profile [1, --max-batch] export builds the engine with
         check_profile({"profile": {"min": 1, "max": args.max_batch}}, x.shape[0])
         batches.append(x.shape[0])
         return graph(x, t, y)
-    rows, ddim = export_checks.check_engine(TorchBackend(model), engine, diffusion, model.config, args.max_batch,
+    rows, ddim = export.check_engine(TorchBackend(model), engine, diffusion, model.config, args.max_batch,
                                             args.verify_steps, args.seed, device="cpu")
     assert max(batches) == args.max_batch == 256 and [r["batch"] for r in rows] == [1, 7, 256]
-    assert all(r["image_rel_l2"] <= export_checks.FP16_TOLERANCE for r in rows), rows
-    recorded = checkpoint.load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"]
+    assert all(r["image_rel_l2"] <= export.FP16_TOLERANCE for r in rows), rows
+    recorded = support.load_sidecar(path)["checks"]["fp16_arithmetic_vs_torch"]
     assert [r["image_rel_l2"] for r in recorded] == [r["image_rel_l2"] for r in rows]
     assert ddim["float"] < 8
 
@@ -116,11 +114,11 @@ def test_the_engine_check_passes_the_shipped_model_at_export_defaults(shipped_ex
 def test_resume_and_raw_weights_refuse_a_sampling_only_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
     with pytest.raises(SystemExit):
-        cli.run_cli(lambda: train.main([*TINY, "--steps", "2", "--resume", SHIPPED, "--out", out]))
+        support.run_cli(lambda: train.main([*TINY, "--steps", "2", "--resume", SHIPPED, "--out", out]))
     err = capsys.readouterr().err
     assert "is a sampling-only checkpoint" in err and err.count("\n") == 1
     with pytest.raises(SystemExit):
-        cli.run_cli(lambda: sample.main(["--no-ema", "--num-samples", "1", "--out", str(tmp_path / "g.png")]))
+        support.run_cli(lambda: sample.main(["--no-ema", "--num-samples", "1", "--out", str(tmp_path / "g.png")]))
     assert "holds the EMA weights only" in capsys.readouterr().err
 
 
@@ -133,12 +131,12 @@ def test_ship_checkpoint_keeps_the_ema_weights_the_record_and_the_scores(tmp_pat
     shipped = str(tmp_path / "ship.pt")
     run(ship_checkpoint.main, [os.path.join(run_dir, "ckpt.pt"), "--out", shipped, "--scores", str(score),
                                "--command", "python train.py --steps 3", "--commit", "abc1234", "--machine", "m"])
-    full, small = checkpoint.load_checkpoint(os.path.join(run_dir, "ckpt.pt")), checkpoint.load_checkpoint(shipped)
+    full, small = support.load_checkpoint(os.path.join(run_dir, "ckpt.pt")), support.load_checkpoint(shipped)
     assert all(torch.equal(full["ema"][k], small["model"][k]) for k in full["ema"])
     assert small["training"]["images_seen"] == 3 * 16 and small["training"]["commit"] == "abc1234"
     assert small["scores"] == [{"sampler": "ddim", "steps": 50, "cfg_scale": 1.0, "n": 20, "accuracy": 0.5,
                                 "fd": 30.0, "floor": 5.0}]
-    model, _, names, _ = checkpoint.model_from_checkpoint(shipped)
+    model, _, names, _ = sample.model_from_checkpoint(shipped)
     assert names == [str(d) for d in range(10)] and not model.training
 
 

@@ -12,7 +12,7 @@ import torch
 
 import bench
 import speedups
-from cli import UserError, run_cli
+from support import UserError, run_cli
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
 

@@ -1,4 +1,4 @@
-"""Every TensorRT name backends.py, export.py and infer_trt.py use exists in TensorRT 11.4 with a compatible
+"""Every TensorRT name export.py and infer_trt.py use exists in TensorRT 11.4 with a compatible
 signature, and gets arguments of the right types.
 
 TensorRT cannot be installed on our machines, so its code never runs in CI. This test reads the code
@@ -27,7 +27,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 API_PATH = os.path.join(ROOT, "tests", "tensorrt-11.4.0.106-api.json")
-FILES = ("backends.py", "export.py", "infer_trt.py")
+FILES = ("export.py", "infer_trt.py")
 MODULE = ("module",)
 RETURN_ALIASES = {"nvonnxparser::IParserError": "ParserError"}   # the dump names the C++ type here
 SUBCLASSES = {"ILogger": {"Logger"}}                             # base classes the dump does not record
@@ -96,7 +96,7 @@ def return_class(api, signatures):
 FOREIGN_CALLS = {"torch.cuda.Stream": "torch.cuda.Stream", "torch.empty": "torch.Tensor", "torch.zeros": "torch.Tensor",
                  "torch.ones": "torch.Tensor", "torch.tensor": "torch.Tensor", "torch.randn": "torch.Tensor",
                  "torch.cuda.CUDAGraph": "torch.cuda.CUDAGraph", "torch.device": "torch.device",
-                 "empty_aligned": "torch.Tensor"}                # backends.empty_aligned: a view of torch.empty
+                 "empty_aligned": "torch.Tensor"}                # infer_trt.empty_aligned: a view of torch.empty
 PY_CALLS = {"len": "int", "int": "int", "str": "str", "bytes": "bytes", "tuple": "tuple", "list": "list",
             "float": "float", "bool": "bool", "range": "range"}
 INT_METHODS = {"data_ptr", "numel", "element_size", "nbytes"}     # torch methods that return ints
@@ -457,10 +457,11 @@ def exported_returns(checker):
 
 
 def check_files(api, sources):
-    """{file: source} -> checkers; backends.py first, its functions' return types known to the others."""
-    first = check_source(api, sources["backends.py"], "backends.py")
+    """{file: source} -> checkers; infer_trt.py (the runtime) first, its functions' return types known to the
+    others."""
+    first = check_source(api, sources["infer_trt.py"], "infer_trt.py")
     return [first] + [check_source(api, src, name, exported_returns(first)) for name, src in sources.items()
-                      if name != "backends.py"]
+                      if name != "infer_trt.py"]
 
 
 def read_sources():
@@ -562,7 +563,6 @@ def test_the_checker_catches_10x_code_under_any_name(api):
 
 WRONG_TYPES = """
 import tensorrt as trt
-import torch
 
 
 class Engine:
@@ -596,11 +596,11 @@ def test_the_checker_catches_wrong_argument_types(api):
 
 
 @pytest.mark.parametrize("file,old,new,wanted", [
-    ("backends.py", "execute_async_v3(self.stream.cuda_stream)", "execute_async_v2(self.stream.cuda_stream)",
+    ("infer_trt.py", "execute_async_v3(self.stream.cuda_stream)", "execute_async_v2(self.stream.cuda_stream)",
      "IExecutionContext.execute_async_v2 does not exist"),                   # a removed call on a parameter
-    ("backends.py", "execute_async_v3(self.stream.cuda_stream)", "execute_async_v3(self.stream)",
+    ("infer_trt.py", "execute_async_v3(self.stream.cuda_stream)", "execute_async_v3(self.stream)",
      "argument 'stream_handle' must be typing.SupportsInt, got self.stream"),  # a stream, not its handle
-    ("backends.py", "context.set_tensor_address(name, v.data_ptr())", "context.set_tensor_address(name, v)",
+    ("infer_trt.py", "context.set_tensor_address(name, v.data_ptr())", "context.set_tensor_address(name, v)",
      "argument 'memory' must be typing.SupportsInt, got v"),
     ("export.py", "    builder_config = builder.create_builder_config()\n",
      "    cfg = builder.create_builder_config()\n    cfg.set_flag(trt.BuilderFlag.FP16)\n    builder_config = cfg\n",

@@ -29,7 +29,7 @@ if __package__ in (None, ""):          # run as a script: the repository's modul
     sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
 from tool_flags import parse_bench_args
-from cli import run_cli
+from support import run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: parse_bench_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
@@ -38,14 +38,13 @@ import torch
 
 import speedups
 import train
-from backends import OrtBackend, TrtBackend
-from checkpoint import check_sidecar, checkpoint_or_shipped, config_dict, load_sidecar, model_from_checkpoint
-from cli import Progress, UserError, pick_device
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig, PRESETS, count_parameters
 from export import export_onnx
-from guard import atomic_write, check_writable, refuse_overwrite
-from sample import draw_samples
+from infer_trt import OrtBackend, TrtBackend
+from sample import draw_samples, model_from_checkpoint
+from support import (Progress, UserError, atomic_write, check_sidecar, check_writable, checkpoint_or_shipped,
+                     config_dict, load_sidecar, pick_device, refuse_overwrite)
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
@@ -94,7 +93,7 @@ def training_backends(device, low):
 
 
 def ort_fn(path):
-    """backends.OrtBackend on the CPU with speedups.ort_session_options (threads and spinning as the torch
+    """infer_trt.OrtBackend on the CPU with speedups.ort_session_options (threads and spinning as the torch
     rows)."""
     return OrtBackend(path, providers=["CPUExecutionProvider"], meta={"source": "bench.py export"},
                       session_options=speedups.ort_session_options())

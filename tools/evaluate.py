@@ -29,7 +29,7 @@ if __package__ in (None, ""):          # run as a script: the repository's modul
     sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
 from tool_flags import parse_evaluate_args
-from cli import run_cli
+from support import run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: parse_evaluate_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
@@ -37,15 +37,13 @@ if __name__ == "__main__":
 import numpy as np
 import torch
 
-from backends import TorchBackend, open_backend
-from checkpoint import checkpoint_or_shipped, model_from_checkpoint
-from cli import UserError, first_line, pick_device
 from data import to_uint8
-from guard import atomic_write, check_writable, refuse_overwrite
+from infer_trt import open_backend
 from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier
-from sample import draw_samples
+from sample import TorchBackend, draw_samples, model_from_checkpoint
 from speedups import machine_line
-from recipe import SAMPLERS
+from support import (SAMPLERS, UserError, atomic_write, check_writable, checkpoint_or_shipped, first_line,
+                     pick_device, refuse_overwrite)
 from tool_flags import KEPT_SAMPLES
 
 

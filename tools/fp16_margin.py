@@ -5,7 +5,7 @@ three fp16 computations of the same model against PyTorch fp32:
 
     torch fp16          the fp16 copy of the model in PyTorch (fp32 sums in its matmuls)
     graph fp16          model_fp16.onnx computed in fp16 by onnx's reference runtime
-                        (export_checks.fp16_graph)
+                        (export.fp16_graph)
     fp16-sum attention  the fp16 copy with attention whose dot products sum in fp16, every partial sum
                         rounded: the worst case of what TensorRT's fused attention may do (it sums in fp16
                         unless Q, K and V are upcast: TensorRT 11.3 release notes)
@@ -24,10 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import export
-import export_checks
-from backends import LowPrecision, TorchBackend
-from checkpoint import checkpoint_or_shipped, model_from_checkpoint
-from cli import ArgumentParser, number_list, nonnegative_int, positive_int, run_cli
+from sample import LowPrecision, TorchBackend, model_from_checkpoint
+from support import ArgumentParser, checkpoint_or_shipped, nonnegative_int, number_list, positive_int, run_cli
 
 
 def fp16_sum_attention(q, k, v):
@@ -65,17 +63,17 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model_fp16.onnx")
-        example = export_checks.random_inputs(config, T, 2, torch.Generator().manual_seed(0))
+        example = export.random_inputs(config, T, 2, torch.Generator().manual_seed(0))
         export.export_onnx(LowPrecision(model, torch.float16), path, example, 20)
-        candidates = {"torch fp16": fp16, "graph fp16": export_checks.fp16_graph(path),
+        candidates = {"torch fp16": fp16, "graph fp16": export.fp16_graph(path),
                       "fp16-sum attention": fp16_sums}
-        print(f"gate: one image's relative L2 <= {export_checks.FP16_TOLERANCE:g}\n")
+        print(f"gate: one image's relative L2 <= {export.FP16_TOLERANCE:g}\n")
         print("| seed | batch | computation | worst image rel-L2 | max abs / max ref |")
         print("|---|---|---|---|---|")
         for seed in args.seeds:
             for name, fn in candidates.items():
-                batches = export_checks.check_batches(args.max_batch)
-                rows = export_checks.parity(reference, fn, config, T, batch_sizes=batches, seed=seed)
+                batches = export.check_batches(args.max_batch)
+                rows = export.parity(reference, fn, config, T, batch_sizes=batches, seed=seed)
                 for r in rows:
                     print(f"| {seed} | {r['batch']} | {name} | {r['image_rel_l2']:.2e} | {r['rel']:.2e} |")
 

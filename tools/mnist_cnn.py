@@ -14,9 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cli import UserError
-from guard import atomic_write
 from data import load_dataset, to_model_range
+from support import UserError, atomic_write
 
 CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")
 CLASSIFIER_FORMAT = "mnist-cnn"

@@ -20,13 +20,12 @@ if __package__ in (None, ""):          # run as a script: the repository's modul
     sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
 from tool_flags import parse_plot_curve_args, read_score
-from cli import UserError, run_cli
+from support import UserError, run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: parse_plot_curve_args(sys.argv[1:]))   # --help answers before PyTorch loads
 
-from checkpoint import load_checkpoint
-from guard import atomic_write, refuse_overwrite
+from support import atomic_write, load_checkpoint, refuse_overwrite
 
 
 def setting(row):

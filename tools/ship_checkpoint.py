@@ -7,7 +7,7 @@ Make the sampling-only checkpoint the repository ships from a finished training 
 Keeps the EMA weights (fp32), both configs and the class names, and adds the training record (command,
 commit, steps, images seen, wall time, machine) and the scores of tools/evaluate.py score --out-json.
 Drops the optimizer, the raw weights and the RNG states, so it is a third of a training checkpoint and
-train.py --resume refuses it (`sampling_only`). The result loads with checkpoint.model_from_checkpoint.
+train.py --resume refuses it (`sampling_only`). The result loads with sample.model_from_checkpoint.
 """
 import os
 import platform
@@ -17,15 +17,14 @@ if __package__ in (None, ""):          # run as a script: the repository's modul
     sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(__file__)]
 
 from tool_flags import parse_ship_checkpoint_args, read_score
-from cli import UserError, run_cli
+from support import UserError, run_cli
 
 if __name__ == "__main__":
     run_cli(lambda: parse_ship_checkpoint_args(sys.argv[1:]))   # --help answers before PyTorch loads
 
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
-from guard import refuse_overwrite
+from support import load_checkpoint, refuse_overwrite, save_checkpoint
 
 SCORE_KEYS = ("sampler", "steps", "cfg_scale", "n", "accuracy", "per_class_accuracy", "fd", "floor",
               "nfe_per_image", "wall_s", "machine")      # what a score keeps from evaluate.py's JSON

@@ -2,7 +2,7 @@
 Ways to run the readable DiT faster, as wrappers around it, for bench.py to measure: the network in
 dit.py stays the one source of truth, and every speed-up here is a flag around it (a cast copy,
 autocast, torch.compile, a CUDA-graph capture), never a hand-fused second model. The ones the main
-path uses live there: the low-precision copy and CUDA graphs in backends.py, the compiled training
+path uses live there: the low-precision copy in sample.py, CUDA graphs in infer_trt.py, the compiled training
 step in train.py.
 
 Every inference wrapper returns a model call
@@ -28,8 +28,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import train
-from cli import has_fast_bf16
-from backends import CudaGraphs, LowPrecision, TorchBackend
+from infer_trt import CudaGraphs
+from sample import LowPrecision, TorchBackend
+from support import has_fast_bf16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def tf32_fn(model):
 
 
 def low_precision_fn(model, dtype):
-    """Eager forward of a dtype copy of the weights (backends.LowPrecision): fp32 in and out."""
+    """Eager forward of a dtype copy of the weights (sample.LowPrecision): fp32 in and out."""
     return TorchBackend(model, dtype)
 
 
@@ -141,7 +142,7 @@ def ort_session_options(threads=None):
 
 def cuda_graph_fn(model, dtype=torch.float16):
     """The model call (of a dtype copy) recorded as a CUDA graph per batch size and replayed
-    (backends.CudaGraphs)."""
+    (infer_trt.CudaGraphs)."""
     if next(model.parameters()).device.type != "cuda":
         raise ValueError("cuda_graph_fn needs a model on a CUDA device")
     net = TorchBackend(model, dtype).net

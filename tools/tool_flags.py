@@ -1,14 +1,13 @@
 """
 The command lines of the tools (bench.py, evaluate.py, plot_curve.py, ship_checkpoint.py) and the score
-files they pass between them. PyTorch-free, like recipe.py for the main scripts, so that their --help and
-flag errors answer before PyTorch loads.
+files they pass between them. PyTorch-free, like the flags at the top of the main scripts, so that their
+--help and flag errors answer before PyTorch loads.
 """
 import json
 import os
 
-from cli import (ArgumentParser, UserError, nonnegative_float, nonnegative_int, number_list, positive_float,
-                 positive_int)
-from recipe import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS
+from support import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,
+                     nonnegative_float, nonnegative_int, number_list, positive_float, positive_int)
 
 # ----------------------------------------------------------------------------------------------
 #                                          bench.py
