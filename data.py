@@ -289,6 +289,20 @@ def load_cifar10(data_dir: Path | None, split: str,
 IMAGE_SUFFIXES = {suffix for suffix, _ in Image.registered_extensions().items()}
 
 
+def label_spelling(name):
+    """How a class name is typed in --labels: lower case, spaces as _ ('Ankle boot' -> 'ankle_boot')."""
+    return name.lower().replace(" ", "_")
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PNG's I;16 modes, or I) scaled to 8 bits; convert("RGB") would clip it at 255,
+    almost white."""
+    if not (image.mode.startswith("I;16") or image.mode == "I"):
+        return image
+    values = np.asarray(image).astype(np.float64) / 257                # 65535 -> 255
+    return Image.fromarray(values.round().clip(0, 255).astype(np.uint8), "L")
+
+
 def fit_square(image: Image.Image, size: int) -> Image.Image:
     """Resize the shorter side to size, then crop the centre: keeps the aspect ratio, drops the edges."""
     w, h = image.size
@@ -307,6 +321,12 @@ def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.n
     elif split == "test":
         raise DataError(f"{data_dir} has no train/ and test/ subfolders, so no test split; use split 'train'")
     class_names = sorted(d.name for d in data_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+    typed = {}
+    for name in class_names:             # --labels must reach every class, each by one name
+        other = typed.setdefault(label_spelling(name), name)
+        if other != name:
+            raise DataError(f"class folders {other!r} and {name!r} in {data_dir} are the same label when "
+                            f"typed ({label_spelling(name)!r}); rename one of them")
     images, labels, empty = [], [], []
     for label, class_name in enumerate(class_names):
         before = len(images)
@@ -315,7 +335,7 @@ def load_folder(data_dir: Path, split: str, size: int) -> tuple[np.ndarray, np.n
                 continue  # README, .DS_Store and such are not images
             try:
                 with Image.open(path) as image:  # exif_transpose: phone photos store their rotation in EXIF
-                    image = ImageOps.exif_transpose(image).convert("RGB")
+                    image = eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
             except Exception as e:
                 raise DataError(f"{path}: unreadable image ({e}); delete or replace it") from None
             images.append(np.asarray(fit_square(image, size)).transpose(2, 0, 1))  # (3, size, size)

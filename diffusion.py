@@ -316,13 +316,16 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- samplers
 
     def sample(self, model_fn, shape, y, *, sampler="ddim", steps=50, cfg_scale=1.0, null_class=None,
-               eta=0.0, thresholding=False, noise=None, generator=None, device="cpu"):
+               eta=0.0, thresholding=False, noise=None, generator=None, device="cpu",
+               lower_order_final=False):
         """Draw images for labels y with one of SAMPLERS over `steps` evenly spaced timesteps.
 
         All samplers share this loop: call the (guided) network, turn its output into x0, then take
         the sampler's step from x_t to x_{t_prev}. Noise comes from `generator` on the CPU and is
         moved to `device`, so a seed gives the same images on every backend (bit-identical on CPU).
-        Returns float32 images in [-1, 1] (N, C, H, W) on `device`.
+        lower_order_final: DPM-Solver++(2M)'s step onto the last timestep is first order (as DDIM's) when
+        there are fewer than 15 steps, as diffusers' DPMSolverMultistepScheduler does, which it finds
+        steadier at few steps. Returns float32 images in [-1, 1] (N, C, H, W) on `device`.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
@@ -344,7 +347,8 @@ class GaussianDiffusion:
             elif sampler == "ddim":
                 x = process.ddim_step(x, x0, i_t, eta, None if (i == 0 or eta == 0) else randn())
             else:
-                x = process.dpmpp_2m_step(x, x0, prev_x0, i_t)
+                first_order = lower_order_final and i == 1 and process.num_timesteps < 15
+                x = process.dpmpp_2m_step(x, x0, None if first_order else prev_x0, i_t)
                 prev_x0 = x0
         return x
 

@@ -207,7 +207,7 @@ class FinalLayer(nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 class DiT(nn.Module):
-    """Diffusion Transformer: patchify -> + position -> N adaLN-Zero blocks conditioned on t + y
+    """Diffusion Transformer: patch embedding + positions -> N adaLN-Zero blocks conditioned on t + y
     -> unpatchify."""
 
     def __init__(self, config: DiTConfig):

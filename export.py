@@ -22,8 +22,6 @@ Read top to bottom, as an export runs: 1. trace to ONNX -> 2. check against PyTo
 is really computed, a fixed-seed sampling run) -> 3. build the TensorRT engine -> main, which writes each file
 only once its checks pass. The runtime that calls the engine is infer_trt.py's.
 """
-
-
 import collections
 import contextlib
 import copy
@@ -84,9 +82,9 @@ import torch.nn as nn
 from infer_trt import (OrtBackend, TrtBackend, current_gpu_name, import_tensorrt, starting_tensorrt,
                        trt_logger, trt_unavailable_reason)
 from sample import LowPrecision, TorchBackend, draw_samples, model_from_checkpoint, pixel_difference
-from support import (ENGINE_NAME, ONNX_NAME, SHIPPED_CKPT, atomic_write, check_writable,
-                     checkpoint_or_shipped, config_dict, file_sha256, first_line, move_into_place,
-                     pick_device, refuse_overwrite, remove_dead_exports, same_file, write_sidecar)
+from support import (ENGINE_NAME, ONNX_NAME, SHIPPED_CKPT, RunLock, atomic_write, check_writable,
+                     checkpoint_or_shipped, config_dict, file_sha256, first_line, pick_device,
+                     place_with_sidecar, refuse_overwrite, remove_dead_exports, same_file)
 
 FP16_ONNX_NAME, CACHE_NAME = "model_fp16.onnx", "model_fp16.timing.cache"
 ONNX_FILES = {ONNX_NAME: "fp32", FP16_ONNX_NAME: "fp16"}
@@ -106,13 +104,13 @@ def export_onnx(module, path, example, opset):
     batch = torch.export.Dim("batch", min=1)
     nbytes = sum(p.numel() * p.element_size() for p in module.parameters())
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)     # "torchvision is not installed", ...
+    # The exporter's known-harmless warnings (deprecations, unused axis names) are hidden. Weights past
+    # protobuf's 2 GB limit go to <file>.data beside the graph.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")      # known-harmless exporter warnings
-                                             # (deprecations, unused axis names)
+        warnings.simplefilter("ignore")
         torch.onnx.export(module, example, path, input_names=["x", "t", "y"], output_names=["out"],
                           dynamic_shapes={"x": {0: batch}, "t": {0: batch}, "y": {0: batch}},
-                          opset_version=opset, dynamo=True, verbose=False,
-                          external_data=nbytes > 1.5e9)          # protobuf's 2 GB limit:
+                          opset_version=opset, dynamo=True, verbose=False, external_data=nbytes > 1.5e9)
 
 
 def graph_summary(path):
@@ -148,7 +146,7 @@ def graph_summary(path):
 # and V are upcast (TensorRT 11.3 release notes), which docs/results.md measures in an emulation.
 
 FP32_ATOL = 1e-4        # max|ONNX - PyTorch|, scaled by max|PyTorch| when that exceeds 1
-FP16_TOLERANCE = 1e-2   # every image's ||fp16 - PyTorch fp32|| / ||PyTorch fp32|| (see the docstring)
+FP16_TOLERANCE = 1e-2   # every image's ||fp16 - PyTorch fp32|| / ||PyTorch fp32|| (see the comment above)
 FP16_MAX = 65504.0      # largest finite fp16
 FP16_MARGIN = 16        # activations must stay this many times below FP16_MAX, or the export fails
 CHECK_CFG = 2.0         # guidance of the fixed-seed check runs: a doubled batch, as in sampling
@@ -417,8 +415,7 @@ def export_metadata(ckpt_path, weights_flag, opset, model, diffusion, class_name
     import onnx
     import onnxruntime
     config, pred = model.config, diffusion.config.prediction
-    has_ema = ckpt.get("ema") is not None or ckpt.get("sampling_only")     # a sampling-only file:
-                                                                           # EMA weights only
+    has_ema = ckpt.get("ema") is not None or ckpt.get("sampling_only")     # sampling-only: EMA weights
     weights = "ema" if weights_flag == "ema" and has_ema else "model"
     print(f"{ckpt_path}: step {ckpt.get('step')}, {weights} weights, predicts {pred}"
           f"{' + variance' if config.learn_sigma else ''}, output (N, {config.out_channels}, "
@@ -491,8 +488,7 @@ def export_checked_onnx(model, diffusion, meta, out_dir, opset, verify_steps, se
                   f"(uint8: {r['ddim']['uint8']})")
 
         for name, r in results.items():
-            move_into_place(os.path.join(tmp, name), os.path.join(out_dir, name))
-            write_sidecar(os.path.join(out_dir, name), {
+            place_with_sidecar(os.path.join(tmp, name), os.path.join(out_dir, name), {
                 **meta, "kind": "onnx", "precision": r["precision"],
                 "checks": {"ort_vs_torch": r["parity"], "ddim_pixel_difference": r["ddim"],
                            "torch_fp16_vs_fp32": {"device": device.type, "rows": fp16_rows},
@@ -530,12 +526,12 @@ def build_checked_engine(model, diffusion, meta, out_dir, batch_size, max_batch,
         trt_fn = TrtBackend(new_engine, meta=engine_meta)
         rows, ddim = check_engine(TorchBackend(model), trt_fn, diffusion, model.config, max_batch,
                                   verify_steps, seed)
-        move_into_place(new_engine, engine_path)
-        write_sidecar(engine_path, {**engine_meta,
-                                    "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
+        place_with_sidecar(new_engine, engine_path, {
+            **engine_meta, "checks": {"trt_vs_torch": rows, "ddim_pixel_difference": ddim}})
     finally:
-        if os.path.exists(new_engine):     # a failed check leaves no engine behind
-            os.remove(new_engine)
+        for leftover in (new_engine, new_engine + ".json"):    # a failed check leaves no engine behind
+            if os.path.exists(leftover):
+                os.remove(leftover)
     print(f"wrote {engine_path} (+ .json) and {cache_path}")
 
 
@@ -556,14 +552,16 @@ def main(argv=None):
         raise UserError(f"--verify-steps {args.verify_steps} exceeds the {diffusion.num_timesteps} timesteps "
                         f"the model was trained with; pass at most --verify-steps {diffusion.num_timesteps}")
     meta = export_metadata(args.ckpt, args.weights, args.opset, model, diffusion, class_names, ckpt)
-    export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed,
-                        args.max_batch)
-    reason = trt_unavailable_reason()
-    if reason:
-        print(f"TensorRT engine skipped: {reason}. The ONNX files are ready (infer_trt.py --backend ort).")
-        return
-    build_checked_engine(model, diffusion, meta, out_dir, args.batch_size, args.max_batch, args.opt_level,
-                         args.workspace_gb, args.verify_steps, args.seed)
+    with RunLock(out_dir, what="export"):           # one export at a time into a folder
+        export_checked_onnx(model, diffusion, meta, out_dir, args.opset, args.verify_steps, args.seed,
+                            args.max_batch)
+        reason = trt_unavailable_reason()
+        if reason:
+            print(f"TensorRT engine skipped: {reason}. The ONNX files are ready "
+                  f"(infer_trt.py --backend ort).")
+            return
+        build_checked_engine(model, diffusion, meta, out_dir, args.batch_size, args.max_batch,
+                             args.opt_level, args.workspace_gb, args.verify_steps, args.seed)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,6 @@ Read top to bottom: the flags -> ONNX Runtime -> CUDA graphs -> the TensorRT run
 execution context, input shapes and tensor addresses, execute_async_v3, a CUDA graph per batch size) ->
 choosing a backend -> main, the sampling-loop call with its --compare against PyTorch.
 """
-
-
 import contextlib
 import importlib.util
 import math
@@ -69,8 +67,8 @@ import torch
 from diffusion import GaussianDiffusion
 from sample import (TorchBackend, class_names_of, configs_from_checkpoint, draw_labelled, label_table_path,
                     model_from_checkpoint, pixel_difference, save_labelled_grid)
-from support import (check_sidecar, check_writable, checkpoint_or_shipped, first_line, load_sidecar,
-                     pick_device, refuse_overwrite, sampling_values)
+from support import (check_sidecar, check_writable, checkpoint_or_shipped, first_line, image_format,
+                     load_sidecar, pick_device, refuse_overwrite, sampling_values)
 
 IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t, y; output out
 
@@ -78,7 +76,6 @@ IO_NAMES = ("x", "t", "y", "out")       # the ONNX/engine contract: inputs x, t,
 # ----------------------------------------------------------------------------------------------
 #                                         ONNX Runtime
 # ----------------------------------------------------------------------------------------------
-
 
 
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -121,7 +118,6 @@ class OrtBackend:
 # ----------------------------------------------------------------------------------------------
 #                                         CUDA graphs
 # ----------------------------------------------------------------------------------------------
-
 
 
 # TensorRT requires every bound address to be 256-byte aligned (setTensorAddress, NvInferRuntime.h).
@@ -211,7 +207,6 @@ class CudaGraphs:
 # ----------------------------------------------------------------------------------------------
 #                                     The TensorRT runtime
 # ----------------------------------------------------------------------------------------------
-
 
 
 TRT_MISSING = "TensorRT is not installed (pip install -r requirements-gpu.txt on a CUDA machine)"
@@ -412,7 +407,6 @@ class TrtBackend:
 # ----------------------------------------------------------------------------------------------
 
 
-
 def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
     """name 'trt' -> TrtBackend(engine path), 'ort' -> OrtBackend(onnx path), 'torch' -> TorchBackend(ckpt
     path, EMA weights). ckpt_path, when given, must be the checkpoint the file was exported from (its
@@ -427,25 +421,48 @@ def open_backend(name, path, *, ckpt_path=None, device="cpu", cuda_graph=False):
     raise UserError(f"unknown backend {name!r}; choose trt, ort or torch")
 
 
+def check_file(flag, path):
+    """An --engine, --onnx or --ckpt that exists, is a file, and is not plainly another kind of file."""
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise UserError(f"{flag} {path} does not exist; export.py writes the engine and the ONNX files")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is a folder, not a file; pass the file export.py wrote in it")
+    with open(path, "rb") as f:
+        zipped = f.read(4) == b"PK\x03\x04"         # torch.save writes a zip archive
+    if flag != "--ckpt" and zipped:
+        raise UserError(f"{flag} {path} is a PyTorch checkpoint, not an exported file; pass it as --ckpt, "
+                        f"or the file `python export.py --ckpt {path}` writes")
+    if flag == "--engine" and path.endswith(".onnx"):
+        raise UserError(f"--engine {path} is an ONNX file; pass it as --onnx (TensorRT runs the .engine "
+                        f"built from it)")
+
+
 def choose_backend(args):
     """The backend to run and its file: --backend, or the fastest one whose file and runtime are here."""
     given = args.engine or args.onnx or args.ckpt
     if given is None:                # the shipped model, and the files `python export.py` made from it
         args.ckpt = checkpoint_or_shipped(None)
         given = os.path.join(SHIPPED_EXPORT_DIR, ONNX_NAME)
+        if not os.path.isfile(given):
+            print(f"note: no {given} in {os.getcwd()} (python export.py writes it into the working folder): "
+                  f"without TensorRT, the shipped model runs in PyTorch", file=sys.stderr)
     for flag, path in (("--engine", args.engine), ("--onnx", args.onnx), ("--ckpt", args.ckpt)):
-        if path and not os.path.isfile(path):
-            raise UserError(f"{flag} {path} does not exist; export.py writes the engine and the ONNX files")
+        check_file(flag, path)
     folder = os.path.dirname(os.path.abspath(given))
     engine = args.engine or os.path.join(folder, ENGINE_NAME)
     onnx_path = args.onnx or os.path.join(folder, ONNX_NAME)
     backend = args.backend
-    no_trt = trt_unavailable_reason() if backend in ("trt", "auto") else None    # imports TensorRT
-                                                                                 # where it can
+    # Only trt and auto look for TensorRT (importing it where a GPU exists).
+    no_trt = trt_unavailable_reason() if backend in ("trt", "auto") else None
     if backend == "trt" and no_trt:
         raise UserError(f"{no_trt}; use --backend ort")
     if backend == "torch" and not args.ckpt:
         raise UserError("--backend torch needs --ckpt RUN/ckpt.pt")
+    if args.cuda_graph and backend in ("ort", "torch"):
+        raise UserError(f"--cuda-graph replays a TensorRT engine; --backend {backend} has no CUDA graphs: "
+                        f"drop --cuda-graph, or run the engine (--backend trt)")
     if backend == "auto":
         backend = ("trt" if not no_trt and os.path.isfile(engine) else "ort" if os.path.isfile(onnx_path)
                    else "torch" if args.ckpt else None)
@@ -457,6 +474,9 @@ def choose_backend(args):
                             f"({no_trt or 'the engine file is missing'}); pass --onnx or --ckpt")
         if args.engine and backend != "trt":
             print(f"note: not using the engine ({no_trt}); backend {backend}", file=sys.stderr)
+        if args.cuda_graph and backend != "trt":
+            print(f"note: --cuda-graph has no effect: backend {backend} runs without CUDA graphs",
+                  file=sys.stderr)
     return backend, {"trt": engine, "ort": onnx_path, "torch": args.ckpt}[backend]
 
 
@@ -475,7 +495,6 @@ def checkpoint_for(args, meta, artifact):
 # ----------------------------------------------------------------------------------------------
 #                    main: the sampling loop on the backend, and --compare
 # ----------------------------------------------------------------------------------------------
-
 
 
 # --compare's verdict: the largest pixel difference (of 255 grey levels) allowed against PyTorch fp32. An fp32
@@ -533,25 +552,26 @@ def run_sampler(fn, diffusion, model_config, class_names, sampling):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_writable(args.out)
+    check_writable(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     backend, path = choose_backend(args)
     refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
                      {"--engine": args.engine, "--onnx": args.onnx, "--ckpt": args.ckpt,
                       f"the {backend} file": path})
+    image_format(args.out)
     fn = open_backend(backend, path, ckpt_path=args.ckpt, device=pick_device(args.device),
                       cuda_graph=args.cuda_graph)
-    compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None    # found before
-                                                                                    # the sampling
-    model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)   # sidecar (checked)
-                                                                              # or checkpoint
+    # The checkpoint of --compare is found before the sampling; the configs come from the sidecar (checked)
+    # or the checkpoint.
+    compare_ckpt = checkpoint_for(args, fn.meta, path) if args.compare else None
+    model_config, diffusion_config = configs_from_checkpoint(fn.meta, path)
     diffusion = GaussianDiffusion(diffusion_config)
     class_names = class_names_of(fn.meta, model_config)
 
     sampling = sampling_values(args)
     images, labels, seconds, timed = run_sampler(fn, diffusion, model_config, class_names, sampling)
-    save_labelled_grid(images, labels, class_names, args.out, args.nrow)
+    save_labelled_grid(images, labels, class_names, args.out, args.nrow, args.cfg_scale)
     detail = f" ({', '.join(fn.providers)})" if backend == "ort" else f" on {fn.device}"
     once = "warm-up and graph capture" if args.cuda_graph else "warm-up"
     print(f"{backend}{detail}: {len(labels)} images, {args.sampler} {args.steps} steps, "

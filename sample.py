@@ -18,6 +18,7 @@ with infer_trt.py (support.add_sampling_args).
 """
 import contextlib
 import copy
+import math
 import os
 import re
 import sys
@@ -51,11 +52,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from data import to_uint8
+from data import label_spelling, to_uint8
 from diffusion import DiffusionConfig, GaussianDiffusion
 from dit import DiT, DiTConfig
-from support import (DEFAULT_NUM_SAMPLES, Progress, atomic_write, check_writable, first_line, load_checkpoint,
-                     pick_device, refuse_overwrite, sampling_values)
+from support import (DEFAULT_NUM_SAMPLES, Progress, atomic_write, check_writable, first_line, image_format,
+                     is_char_device, load_checkpoint, pick_device, refuse_overwrite, sampling_values)
 
 # ----------------------------------------------------------------------------------------------
 #                                   The model call in PyTorch
@@ -154,11 +155,6 @@ def model_from_checkpoint(path, device="cpu", use_ema=True):
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
-def label_spelling(name):
-    """How a class name is typed in --labels: lower case, spaces as _ ('Ankle boot' -> 'ankle_boot')."""
-    return name.lower().replace(" ", "_")
-
-
 def parse_labels(text, class_names):
     """'2 4 one nine' -> [2, 4, 1, 9]. Accepts class names (case-insensitive, spaces typed as _), class
     indices and, for digit datasets (classes named "0", "1", ...), English number words; separators are
@@ -197,8 +193,9 @@ def choose_labels(labels_text, num_samples, label_order, class_names, generator)
 
 
 def label_table_path(png_path):
-    """grid.png -> grid.txt: where the label names of a sampled grid go."""
-    return os.path.splitext(os.fspath(png_path))[0] + ".txt"
+    """grid.png -> grid.txt: where the label names of a sampled grid go (a device such as /dev/null takes
+    both)."""
+    return png_path if is_char_device(png_path) else os.path.splitext(os.fspath(png_path))[0] + ".txt"
 
 
 def write_label_table(labels, class_names, png_path, nrow):
@@ -216,46 +213,62 @@ def write_label_table(labels, class_names, png_path, nrow):
 # ----------------------------------------------------------------------------------------------
 
 def draw_samples(model_fn, diffusion, model_config, labels, generator, *, sampler, steps, cfg_scale,
-                 eta=0.0, thresholding=False, batch_size=64, device="cpu"):
+                 eta=0.0, thresholding=False, batch_size=64, device="cpu", done=None,
+                 lower_order_final=False):
     """Images (N, C, H, W) in [-1, 1] on the CPU for `labels`, in batches; the starting noise of all N
-    is drawn first from `generator`, so the images do not depend on batch_size or device."""
+    is drawn first from `generator`, so the images do not depend on batch_size or device. Each finished
+    batch is also appended to the list `done`, when given, so a stopped caller keeps what was drawn."""
     if not 1 <= steps <= diffusion.num_timesteps:
         raise UserError(f"--steps {steps} is outside 1-{diffusion.num_timesteps}, the timesteps the model "
                         f"was trained with")
     shape = model_config.image_shape                                    # (C, H, W)
     noise = torch.randn((len(labels), *shape), generator=generator)    # (N, C, H, W)
-    progress = Progress(len(labels), "images ") if len(labels) > batch_size else None   # more than one batch
-    images = []
+    batches = math.ceil(len(labels) / batch_size)
+    # Long work shows its progress: one network call per sampling step, counted over all batches.
+    progress = Progress(batches * steps, "sampling step ") if batches > 1 or steps >= 100 else None
+    calls = 0
+
+    def counted(x, t, y):
+        nonlocal calls
+        out = model_fn(x, t, y)
+        calls += 1
+        progress.update(calls)
+        return out
+    images = [] if done is None else done
     for i in range(0, len(labels), batch_size):
-        if progress:
-            progress.update(i)
         y = torch.tensor(labels[i:i + batch_size])
         with torch.no_grad():
             images.append(diffusion.sample(
-                model_fn, (len(y), *shape), y, sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                null_class=model_config.null_class, eta=eta, thresholding=thresholding,
-                noise=noise[i:i + len(y)], generator=generator, device=device).cpu())
+                counted if progress else model_fn, (len(y), *shape), y, sampler=sampler, steps=steps,
+                cfg_scale=cfg_scale, null_class=model_config.null_class, eta=eta, thresholding=thresholding,
+                noise=noise[i:i + len(y)], generator=generator, device=device,
+                lower_order_final=lower_order_final).cpu())
     if progress:
-        progress.update(len(labels), force=True)
+        progress.update(calls, force=True)
         progress.close()
     return torch.cat(images)
 
 
 def draw_labelled(model_fn, diffusion, model_config, class_names, device, *, labels, num_samples, label_order,
-                  seed, sampler, steps, cfg_scale, eta, thresholding, batch_size):
+                  seed, sampler, steps, cfg_scale, eta, thresholding, batch_size, lower_order_final):
     """What the sampling flags ask for (support.sampling_values): the labels, then their images from one
     generator seeded with `seed` -> (images, labels)."""
     generator = torch.Generator().manual_seed(seed)
     chosen = choose_labels(labels, num_samples, label_order, class_names, generator)
     images = draw_samples(model_fn, diffusion, model_config, chosen, generator, sampler=sampler, steps=steps,
                           cfg_scale=cfg_scale, eta=eta, thresholding=thresholding, batch_size=batch_size,
-                          device=device)
+                          device=device, lower_order_final=lower_order_final)
     return images, chosen
 
 
-def save_labelled_grid(images, labels, class_names, out, nrow):
-    """The PNG grid and its label table beside it -> the table's path."""
+def save_labelled_grid(images, labels, class_names, out, nrow, cfg_scale):
+    """The grid and its label table beside it -> the table's path. With cfg_scale 0 the samples are
+    unconditional, and the table says so instead of naming labels that chose nothing."""
     save_grid(images, out, nrow=nrow)
+    if cfg_scale == 0:
+        print("note: --cfg-scale 0 samples unconditionally: the labels do not choose the digits, and "
+              f"{label_table_path(out)} says 'unconditional'", file=sys.stderr)
+        class_names = ["unconditional"] * len(class_names)
     return write_label_table(labels, class_names, out, nrow)
 
 
@@ -285,9 +298,10 @@ def image_grid(images, nrow=8, padding=2):
 
 
 def save_grid(images, path, nrow=8):
-    """Write images as a PNG grid atomically; an unwritable path is a one-line UserError."""
+    """Write images as a grid atomically, in the format its name says (PNG unless .jpg, .webp, ...); an
+    unwritable path is a one-line UserError."""
     grid = image_grid(images, nrow)
-    atomic_write(path, lambda f: grid.save(f, format="PNG"))
+    atomic_write(path, lambda f: grid.save(f, format=image_format(path)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,18 +313,19 @@ PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def main(argv=None):
     args = parse_args(argv)
-    check_writable(args.out)
+    check_writable(args.out, "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     ckpt_path = checkpoint_or_shipped(args.ckpt)
     refuse_overwrite({"--out": args.out, "--out's label table": label_table_path(args.out)},
                      {"--ckpt": ckpt_path})
+    image_format(args.out)
     model, diffusion, class_names, ckpt = model_from_checkpoint(ckpt_path, device, use_ema=not args.no_ema)
     model_fn = TorchBackend(model, PRECISION_DTYPES[args.precision])
     images, labels = draw_labelled(model_fn, diffusion, model.config, class_names, device,
                                    **sampling_values(args))
-    txt_path = save_labelled_grid(images, labels, class_names, args.out, args.nrow)
+    txt_path = save_labelled_grid(images, labels, class_names, args.out, args.nrow, args.cfg_scale)
     weights = "raw" if args.no_ema else "EMA"
     print(f"{len(labels)} samples from {ckpt_path} (step {ckpt.get('step', '?')}, {weights} weights), "
           f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} -> {args.out}, "

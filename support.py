@@ -32,11 +32,27 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import time
 import warnings
 
+# PyTorch's OpenMP threads spin at every barrier before they sleep. On a machine where another process holds
+# a core, the spinning thread keeps the one that has work off it, and a training step gets many times slower.
+# Before PyTorch loads (every script imports this module first), and unless the environment chooses: a busy
+# machine (a load average of 1 or more: a core's worth of other work) makes the threads wait passively, which
+# a note says; on a quiet one they spin at most 10,000 times, as fast as the default there. docs/results.md
+# measures each setting (tools/cpu_threads.py).
+OPENMP_NOTE = None
+if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] >= 1.0:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        OPENMP_NOTE = (f"note: this CPU is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+                       f"cores): PyTorch's threads wait passively (set OMP_WAIT_POLICY=ACTIVE to make them "
+                       f"spin)")
+    else:
+        os.environ["GOMP_SPINCOUNT"] = "10000"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -58,25 +74,51 @@ OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory|cannot allocate
                            re.IGNORECASE)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a closed terminal or SSH session), raised where Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def run_cli(main, memory_hint="lower --batch-size"):
     """Run a script's main(); a UserError becomes `script: error: message` and exit status 2, not a traceback.
-    Ctrl-C is one line and exit status 130 (every file is written atomically, so none is left half-written);
-    running out of memory is one line that names the flag to lower (memory_hint)."""
+    Ctrl-C, SIGTERM and SIGHUP are one line and exit status 128 + the signal (every file is written
+    atomically, so none is left half-written; work that can keep what it did, keeps it); a full disk and
+    running out of memory are one line each, naming what to free or the flag to lower (memory_hint)."""
     name = os.path.basename(sys.argv[0])
+    global OPENMP_NOTE
+    if OPENMP_NOTE and "--help" not in sys.argv and "-h" not in sys.argv:
+        print(OPENMP_NOTE, file=sys.stderr)
+        OPENMP_NOTE = None                      # said once, though run_cli runs twice (flags, then main)
+    previous = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         main()
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print(f"{name}: interrupted (Ctrl-C); no file was left half-written", file=sys.stderr)
-        sys.exit(130)
-    except (MemoryError, RuntimeError) as e:
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{name}: interrupted ({what}); no file was left half-written", file=sys.stderr)
+        sys.exit(128 + signum)
+    except Exception as e:
+        if disk_full(e):
+            print(f"{name}: error: no space left on the disk ({first_line(e)}); free some space",
+                  file=sys.stderr)
+            sys.exit(2)
         if not (isinstance(e, MemoryError) or OUT_OF_MEMORY.search(str(e))):
             raise
-        what = first_line(e)
-        print(f"{name}: error: out of memory ({what}); {memory_hint}", file=sys.stderr)
+        print(f"{name}: error: out of memory ({first_line(e)}); {memory_hint}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -218,8 +260,18 @@ def checkpoint_or_shipped(path):
         raise UserError(f"no --ckpt given and the shipped model {SHIPPED_CKPT} is missing; pass --ckpt "
                         f"RUN/ckpt.pt")
     print(f"note: no --ckpt given: using the shipped model {os.path.relpath(SHIPPED_CKPT)} "
-          f"(DiT-T/4 trained on MNIST)", file=sys.stderr)
+          f"({describe_checkpoint(SHIPPED_CKPT)})", file=sys.stderr)
     return SHIPPED_CKPT
+
+
+def describe_checkpoint(path):
+    """What a checkpoint file says it is, e.g. "DiT-T/4 trained on mnist, step 26,521"."""
+    ckpt = load_checkpoint(path)
+    args = (ckpt.get("training") or {}).get("args") or ckpt.get("args") or {}
+    c = ckpt["model_config"]
+    model = args.get("model") or f"a DiT of width {c.get('hidden_size')} and depth {c.get('depth')}"
+    step = ckpt.get("step")
+    return f"{model} trained on {ckpt.get('dataset', 'unknown data')}" + (f", step {step:,}" if step else "")
 
 
 # The sampling flags of sample.py and infer_trt.py (and the tools' defaults), here so that each parses them
@@ -228,7 +280,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm++2m")   # diffusion.py's, spelled out here (a t
 # The default sampler: DPM-Solver++(2M) in 5 steps with guidance 1.2, 10 network evaluations per digit, as
 # good as DDIM-25/50 at a fraction of the cost (docs/results.md's quality table). Stronger guidance raises
 # accuracy but worsens FD, weaker the reverse.
-DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "dpm++2m", 5, 1.2
+DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG, DEFAULT_LOWER_ORDER_FINAL = "dpm++2m", 5, 1.2, False
 DEFAULT_NUM_SAMPLES = 64
 DEFAULT_BATCH_SIZE = 64         # images per network batch; export.py tunes the engine for twice that
 
@@ -249,6 +301,9 @@ def add_sampling_args(parser, default_out):
     a("--eta", type=nonnegative_float, default=0.0, help="DDIM noise: 0 deterministic, 1 like DDPM")
     a("--thresholding", action="store_true", help="dynamic thresholding of x0 (Imagen; the lesson's sampler "
       "used it)")
+    a("--lower-order-final", action=argparse.BooleanOptionalAction, default=DEFAULT_LOWER_ORDER_FINAL,
+      help="dpm++2m: a first-order last step when there are fewer than 15 steps (as diffusers' "
+      "lower_order_final)")
     a("--seed", type=int, default=0, help="seed of the starting noise (and of random labels)")
     a("--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE, help="images per network batch (CFG "
       "doubles it)")
@@ -259,7 +314,7 @@ def add_sampling_args(parser, default_out):
 
 
 SAMPLING_VALUES = ("labels", "num_samples", "label_order", "seed", "sampler", "steps", "cfg_scale", "eta",
-                   "thresholding", "batch_size")      # what sample.draw_labelled takes
+                   "thresholding", "batch_size", "lower_order_final")      # what sample.draw_labelled takes
 
 
 def sampling_values(args):
@@ -268,8 +323,20 @@ def sampling_values(args):
 
 
 def check_sampling_args(args):
+    """Refuse sampling flags that cannot take effect together, each in one line."""
     if args.labels is not None and args.num_samples is not None:
         raise UserError("give either --labels or --num-samples, not both")
+    if args.labels is not None and args.label_order != "cycle":
+        raise UserError("--label-order chooses the labels of --num-samples; with --labels it has no effect")
+    if args.lower_order_final != DEFAULT_LOWER_ORDER_FINAL and args.sampler != "dpm++2m":
+        raise UserError(f"--lower-order-final is DPM-Solver++(2M)'s and has no effect on --sampler "
+                        f"{args.sampler}")
+    if args.eta and args.sampler != "ddim":
+        raise UserError(f"--eta is DDIM's noise and has no effect on --sampler {args.sampler}; drop it or "
+                        f"pass --sampler ddim")
+    if args.labels is not None and args.cfg_scale == 0:
+        raise UserError("--cfg-scale 0 samples unconditionally, so --labels would not choose the digits; "
+                        "raise --cfg-scale, or use --num-samples for unconditional samples")
     return args
 
 
@@ -307,8 +374,16 @@ def move_into_place(path, target):
 
 def atomic_write(path, write_fn, binary=True):
     """Write a file so a crash at any moment leaves either the old file or the complete new one:
-    write a temp file in the same folder, then move_into_place over the target."""
-    path = os.fspath(path)
+    write a temp file in the same folder, then move_into_place over the target. A symbolic link is followed
+    (the link stays, its target gets the file); a character device (/dev/null) is written through, never
+    renamed over; any other existing file that is not a regular one is refused."""
+    path = os.path.realpath(path) if os.path.islink(path) else os.fspath(path)
+    if is_char_device(path):
+        with open(path, "wb" if binary else "w") as f:
+            write_fn(f)
+        return
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} exists and is not a regular file; it is not replaced: give another path")
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -338,19 +413,42 @@ def remove_stale_temp_files(path):
             os.unlink(tmp)
 
 
-def check_writable(path):
-    """Fail before minutes of work, not after, when the output cannot be written."""
+def check_writable(path, flag="the output"):
+    """Fail before minutes of work, not after, when the output (given as `flag`) cannot be written: a folder,
+    a FIFO or a socket is refused (a character device such as /dev/null is written through)."""
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder, not a file; give a file name (inside it, if you like)")
+        raise UserError(f"{flag} {path} is a folder, not a file; give a file name (inside it, if you like)")
+    if os.path.exists(path) and not os.path.isfile(path) and not is_char_device(path):
+        raise UserError(f"{flag} {path} exists and is not a regular file; give another path")
     folder = os.path.dirname(os.path.abspath(os.fspath(path)))
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise UserError(f"cannot write to {folder}: it is a file, not a folder; choose another output path")
+        raise UserError(f"cannot write to {folder}: it is a file, not a folder; choose another {flag}")
     try:
         os.makedirs(folder, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable output path") from None
+        raise UserError(f"cannot write to {folder}: {e.strerror}; choose a writable {flag}") from None
+
+
+def is_char_device(path):
+    return os.path.exists(path) and stat.S_ISCHR(os.stat(path).st_mode)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+                 ".tif": "TIFF", ".tiff": "TIFF"}
+
+
+def image_format(path, flag="--out"):
+    """The image format a file name asks for (PNG for a device such as /dev/null); another suffix is refused,
+    so that no file holds bytes its name does not say."""
+    if is_char_device(path):
+        return "PNG"
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in IMAGE_FORMATS:
+        raise UserError(f"{flag} {path}: the grid is an image, and {suffix or 'no suffix'} is not an image "
+                        f"format; end the name in {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
 
 
 def same_file(a, b):
@@ -404,9 +502,9 @@ def remove_dead_exports(out_dir):
 # version and a SHA-256 of all the rest; load_checkpoint refuses anything else in one line. A sampling-only
 # file (tools/ship_checkpoint.py) holds the EMA weights as "model" and no optimizer or RNG state.
 CHECKPOINT_FORMAT = "dit-checkpoint"
-CHECKPOINT_VERSION = 2          # version 2 carries the checksum; version 1, without one, is read too
+CHECKPOINT_VERSION = 2          # the version with the checksum; versions 1 (no checksum) and 2 load
 RESUME_KEYS = ("ema", "optimizer", "step", "rng")
-# Keys renamed since files were first written: read under their new names, whatever wrote the file.
+# Old key -> current key, applied to every config read from a file.
 RENAMED = {"timesteps": "timestep_sampling"}
 
 
@@ -441,8 +539,8 @@ def content_sha256(value, h=None):
         h.update(f"{type(value).__name__}{len(value)}".encode())
         for item in value:
             content_sha256(item, h)
-    elif type(value).__name__ == "Tensor":             # a torch.Tensor, without importing torch here
-        import torch
+    elif "torch" in sys.modules and isinstance(value, sys.modules["torch"].Tensor):   # loaded with any tensor
+        torch = sys.modules["torch"]
         t = value.detach().cpu().contiguous()
         h.update(f"{t.dtype}{tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -462,8 +560,8 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Load and validate a checkpoint; every way it can be wrong is a one-line UserError. Keys renamed since
-    the file was written come back under their new names."""
+    """Load and validate a checkpoint; every way it can be wrong is a one-line UserError. Its configs come
+    back with the current key names (RENAMED)."""
     import torch
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -512,11 +610,17 @@ def checkpoint_to_resume(resume, ckpt_path, say):
     return path or None
 
 
-def load_for_resume(path, configs, defaults):
+# Settings that say how a run goes on, not what it learns: a resume may change them without a word.
+RUN_SETTINGS = {"out", "resume", "device", "threads", "steps", "max_minutes", "snapshot_minutes", "log_every",
+                "sample_every", "sample_cfg", "ckpt_every", "ddp_timeout", "compile", "seed", "lesson_recipe"}
+
+
+def load_for_resume(path, configs, defaults, data, settings, say):
     """Load a checkpoint to continue training. Its configs must equal the flags' ones (configs: {"model":
     dict, "diffusion": dict}): a resume continues the run the flags describe, and silently taking the
     checkpoint's could ignore one. A field newer than the checkpoint counts as its default (defaults: the
-    same layout)."""
+    same layout). Its data must be the same (data: (dataset name, class names)); the recipe settings that
+    differ from the checkpoint's (settings: train.py's, as a dict) are said in one line."""
     ckpt = load_checkpoint(path)
     if ckpt.get("sampling_only"):
         raise UserError(f"{path} is a sampling-only checkpoint (EMA weights, no optimizer or RNG state): it "
@@ -524,6 +628,11 @@ def load_for_resume(path, configs, defaults):
     missing = [k for k in RESUME_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{path} lacks {', '.join(missing)}: it cannot be resumed (sample from it instead)")
+    dataset, class_names = data
+    if (ckpt.get("dataset"), ckpt.get("class_names")) != (dataset, class_names):
+        raise UserError(f"{path} was trained on {ckpt.get('dataset')} with classes "
+                        f"{ckpt.get('class_names')}, not on {dataset} with {class_names}; resume with its "
+                        f"--dataset and --data-dir, or start a new run with another --out")
     theirs_all = ({**defaults["model"], **ckpt["model_config"]},
                   {**defaults["diffusion"], **ckpt["diffusion_config"]})
     for (what, mine), theirs in zip(configs.items(), theirs_all):
@@ -532,6 +641,11 @@ def load_for_resume(path, configs, defaults):
         if diff:
             raise UserError(f"{path} was trained with another {what} config ({'; '.join(diff)}); resume with "
                             f"the flags of the run that wrote it")
+    before = ckpt.get("args") or {}
+    changed = [f"--{k.replace('_', '-')} {before[k]} -> {v}" for k, v in settings.items()
+               if k in before and k not in RUN_SETTINGS and before[k] != v]
+    if changed:
+        say(f"note: resuming with other settings than the checkpoint's: {', '.join(changed)}")
     return ckpt
 
 
@@ -572,10 +686,20 @@ def artifact_sha256(artifact):
     return digest + ("+" + file_sha256(data) if os.path.isfile(data) else "")
 
 
-def write_sidecar(artifact, meta):
+def place_with_sidecar(path, target, meta):
+    """Move a checked file and its sidecar into place together: the sidecar is written complete beside the
+    file first (a full disk stops there, with nothing moved), then both are renamed, which takes no space."""
+    write_sidecar(path, meta, name=os.path.basename(target))
+    move_into_place(path, target)
+    move_into_place(sidecar_path(path), sidecar_path(target))
+
+
+def write_sidecar(artifact, meta, name=None):
     """Write `<artifact>.json`: meta, the artifact's hash (a file swapped after export is refused) and the
-    sidecar's own checksum (so are hand-edited configs or class names, which would sample wrong images)."""
-    meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION, "artifact": os.path.basename(artifact),
+    sidecar's own checksum (so are hand-edited configs or class names, which would sample wrong images).
+    name: the file name the artifact will have, when it is written under a temporary one."""
+    meta = {"format": SIDECAR_FORMAT, "version": SIDECAR_VERSION,
+            "artifact": name or os.path.basename(artifact),
             "artifact_sha256": artifact_sha256(artifact), **meta}
     meta["sidecar_sha256"] = sidecar_sha256(meta)
     atomic_write(sidecar_path(artifact), lambda f: json.dump(meta, f, indent=1), binary=False)
@@ -622,6 +746,9 @@ def check_sidecar(meta, artifact, ckpt_path=None, gpu_name=None):
     fix = f"rerun `python export.py --ckpt {ckpt_path}`" if ckpt_path else "rerun export.py"
     if ckpt_path is not None:
         digest = file_sha256(ckpt_path)
+        if digest != source.get("sha256") and source.get("path") == os.path.abspath(ckpt_path):
+            raise UserError(f"{ckpt_path} changed since {artifact} was exported from it (sha256 "
+                            f"{str(source.get('sha256'))[:12]} then, {digest[:12]} now); {fix}")
         if digest != source.get("sha256"):
             raise UserError(f"{artifact} was exported from checkpoint {source.get('path')} "
                             f"(sha256 {str(source.get('sha256'))[:12]}), not from {ckpt_path} "
@@ -660,35 +787,46 @@ def remove_if_unused(out):
             shutil.rmtree(out)
 
 
-def resume_command(argv, out):
-    """The command that continues a run: its own flags, with --resume auto --out OUT."""
+def resume_command(argv, out, world=1):
+    """The command that continues a run: its own flags, with --resume auto --out OUT (under torchrun with as
+    many processes as it had)."""
     kept, skip = [], False
     for a in argv:
         if skip or a in ("--resume", "--out") or a.startswith(("--resume=", "--out=")):
             skip = a in ("--resume", "--out")
             continue
         kept.append(a)
-    return " ".join(["python train.py", *map(shlex.quote, kept), "--resume auto --out", shlex.quote(out)])
+    launcher = f"torchrun --nproc_per_node={world} train.py" if world > 1 else "python train.py"
+    return " ".join([launcher, *map(shlex.quote, kept), "--resume auto --out", shlex.quote(out)])
 
 
 class RunLock:
-    """An exclusive lock on a run folder while a run writes to it (OUT/.lock, fcntl.flock).
+    """An exclusive lock on a folder while a run or an export writes to it (fcntl.flock). A run locks the file
+    OUT/.lock, which names the holder (pid, host, start time) for the message a second run gets; an export
+    (what="export") locks the folder itself, leaving no file behind.
 
     The kernel drops the lock when its process ends, however it ends, so a killed run leaves no stale lock:
-    the next run takes it over. The file names the holder (pid, host, start time) for the error message."""
+    the next run takes it over."""
 
-    def __init__(self, folder):
-        self.fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    def __init__(self, folder, what="run"):
+        os.makedirs(folder, exist_ok=True)
+        if what == "run":
+            self.fd = os.open(os.path.join(folder, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        else:
+            self.fd = os.open(folder, os.O_RDONLY)
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            holder = os.read(self.fd, 300).decode(errors="replace").strip() or "another process"
+            holder = (os.read(self.fd, 300).decode(errors="replace").strip() if what == "run" else "") \
+                or f"another {what}"
             os.close(self.fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):      # e.g. ENOLCK: this file system has no locks
                 raise UserError(f"cannot lock {folder} ({e.strerror}); "
                                 f"pass an --out on a local disk") from None
-            raise UserError(f"{folder} is in use by {holder}; wait for that run to end, stop it, or pass "
-                            f"another --out") from None
+            raise UserError(f"{folder} is in use by {holder}; wait for it to end, stop it, or pass another "
+                            f"{'--out' if what == 'run' else '--out-dir'}") from None
+        if what != "run":
+            return
         holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
         with contextlib.suppress(OSError):   # who holds it is for the message; the lock works without it
             os.ftruncate(self.fd, 0)
@@ -806,12 +944,14 @@ def rng_states(world, device):
 # ----------------------------------------------------------------------------------------------
 
 class StopFlag:
-    """SIGINT/SIGTERM set .signum: a long loop finishes its step, saves and exits. A second signal kills.
-    `message` is printed at once on Ctrl-C (SIGINT), so that the user knows it was heard."""
+    """SIGINT, SIGTERM and SIGHUP (a dropped SSH session) set .signum: a long loop finishes its step, saves
+    and exits. A second signal acts as it would have without this. `message` is printed at once on Ctrl-C
+    (SIGINT), so that the user knows it was heard."""
 
     def __init__(self, message=None):
         self.signum, self.message = None, message
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        self.previous = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
         self.signum = signum
@@ -834,30 +974,33 @@ class TrainingRun:
     progress line (the loss averaged over ranks; images/s of every step since the last row, a skipped fp16 one
     too, with grids and checkpoints not counted), progress grids, checkpoints and timed snapshots at their
     intervals, and stops: a signal or --max-minutes save and stop; a NaN loss or a full disk end the run with
-    one line naming the last good checkpoint.
+    one line naming the last good checkpoint. Use as a context manager.
 
-    s: train.py's settings (steps, batch_size, max_minutes, snapshot_minutes, log_every, sample_every,
+    settings: train.py's (steps, batch_size, max_minutes, snapshot_minutes, log_every, sample_every,
     ckpt_every). save(path, step, wall) writes a checkpoint: every rank calls it, each adding its RNG state.
     grid(path) draws a progress grid; rank 0 only. t_start: when train() began (the clock of --max-minutes);
-    wall_before: the run's wall time before this process, for a resumed run. Use as a context manager."""
+    wall_before: the run's wall time before this process, for a resumed run."""
 
-    def __init__(self, out, s, step, t_start, wall_before, world, device, rank, save, grid, last_good):
-        self.out, self.s, self.world, self.device, self.master = out, s, world, device, rank == 0
+    def __init__(self, out, settings, *, ckpt_path, step, t_start, wall_before, world, device, rank, save,
+                 grid, last_good):
+        self.out, self.settings, self.ckpt_path, self.first_step = out, settings, ckpt_path, step
+        self.t_start, self.wall_before = t_start, wall_before
+        self.world, self.device, self.master = world, device, rank == 0
         self.save, self.grid, self.last_good = save, grid, last_good
-        self.t_start, self.wall_before, self.first_step = t_start, wall_before, step
-        self.ckpt_path = os.path.join(out, "ckpt.pt")
-        self.snapshots = [m for m in s.snapshot_minutes or () if 60 * m > wall_before]   # those still ahead
+        self.snapshots = [m for m in settings.snapshot_minutes or () if 60 * m > wall_before]   # still ahead
         self.stopping, self.progress, self.log, self.stop_flag = False, None, None, None
+        self.losses, self.steps_in_row, self.skipped, self.t_row, self.note = [], 0, 0, time.time(), ""
 
     def __enter__(self):
+        s = self.settings
         self.stop_flag = StopFlag("stopping after this step, with a checkpoint (Ctrl-C again to abort)"
                                   if self.master else None)
-        if self.master:
-            left = 60 * self.s.max_minutes - (time.time() - self.t_start) if self.s.max_minutes else None
-            budget = f"--max-minutes {self.s.max_minutes:g}" if self.s.max_minutes else None
-            self.progress = Progress(self.s.steps, "step ", time_limit=left, file=sys.stdout, budget=budget)
-        self.losses, self.steps_in_row, self.skipped, self.t_row, self.note = [], 0, 0, time.time(), ""
         try:
+            if self.master:
+                left = 60 * s.max_minutes - (time.time() - self.t_start) if s.max_minutes else None
+                budget = f"--max-minutes {s.max_minutes:g}" if s.max_minutes else None
+                self.progress = Progress(s.steps, "step ", time_limit=left, file=sys.stdout, budget=budget)
+            self.t_row = time.time()
             self.log = RunLog(os.path.join(self.out, "log.csv"), self.first_step) if self.master else None
         except BaseException as e:
             self.__exit__(type(e), e, e.__traceback__)      # closes what is open; a full disk: the one line
@@ -872,7 +1015,7 @@ class TrainingRun:
         """After optimizer step `step`: agree over ranks on NaN, stop and snapshot; then the log row, grid,
         checkpoint and snapshot that are due. Returns whether the run stops now (fp16: the GradScaler skips
         non-finite steps, so a NaN loss is not an error there)."""
-        s = self.s
+        s = self.settings
         timed_out = s.max_minutes is not None and time.time() - self.t_start > 60 * s.max_minutes
         bad = not math.isfinite(loss_value) and not fp16
         snapshot = bool(self.snapshots) and self.wall() >= 60 * self.snapshots[0]
@@ -906,7 +1049,7 @@ class TrainingRun:
         """The rank-mean loss into log.csv and the progress note; starts the next row's count."""
         mean = sum(self.losses) / max(len(self.losses), 1)
         (mean_loss,) = over_ranks([mean], "mean", self.world, self.device)
-        images_per_s = self.s.batch_size * self.steps_in_row / max(time.time() - self.t_row, 1e-9)
+        images_per_s = self.settings.batch_size * self.steps_in_row / max(time.time() - self.t_row, 1e-9)
         self.note = (f" | loss {mean_loss:.4f} | {images_per_s:.0f} img/s | lr {lr:.2e}"
                      + (f" | {self.skipped} fp16 steps skipped" if self.skipped else ""))
         if self.master:
@@ -923,7 +1066,8 @@ class TrainingRun:
         if self.signum is not None:
             why = f"stopped by {signal.Signals(self.signum).name}"
         else:
-            why = f"stopped after --max-minutes {self.s.max_minutes}" if step < self.s.steps else "done"
+            why = (f"stopped after --max-minutes {self.settings.max_minutes}" if step < self.settings.steps
+                   else "done")
         return (f"{why} at step {step} ({self.wall() / 60:.1f} min in all); checkpoint {self.ckpt_path}, "
                 f"grids in {os.path.join(self.out, 'samples')}")
 

@@ -41,7 +41,9 @@ GPU_STEPS, CPU_MINUTES = 30_000, 30       # the lesson's T4 budget; half an hour
 GPU_BATCH, CPU_BATCH = 128, 32            # a T4's fill; on a CPU a small batch gives more steps per minute
 LESSON_RECIPE = dict(model="DiT-S/8", prediction="eps", batch_size=128, lr=2e-4, warmup=0, label_dropout=0.2)
 COMPILE_MIN_STEPS, COMPILE_MIN_MINUTES = 1000, 5   # a CPU compile pays back its start-up only in long runs
-GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16       # progress grids: fixed noise, DDIM 25, a row per class
+# The progress grids: fixed noise and DDIM 25 steps, so that grids compare across steps; a row per class, at
+# most 16 rows.
+GRID_SEED, GRID_STEPS, GRID_ROWS = 0, 25, 16
 # The choices of the flags below, spelled out so that --help answers before PyTorch loads; diffusion.py and
 # data.py own them, and tests/test_bad_input.py keeps the copies equal.
 PREDICTIONS, SCHEDULES = ("eps", "x0", "v"), ("linear", "cosine")
@@ -86,6 +88,9 @@ class TrainSettings:
                      type=positive_float)
     warmup: int = knob(200, "linear learning-rate warm-up steps (0 = none): AdamW's first updates are large",
                        type=nonnegative_int)
+    decay_steps: int = knob(0, "let the learning rate fall linearly to 0 over the last this many of --steps "
+                            "(0 = constant to the end): a cooldown, whose last steps average the noise out",
+                            type=nonnegative_int)
     grad_clip: float = knob(1.0, "max gradient norm (0 = no clipping): guards the early steps against spikes",
                             type=nonnegative_float)
     # The diffusion: DiffusionConfig's defaults, which a test keeps equal.
@@ -198,12 +203,16 @@ def check_for_device(settings, cuda, world, have_compiler):
                         "--compile off")
     if settings.batch_size % world:
         raise UserError(f"--batch-size {settings.batch_size} is not divisible by the {world} DDP processes")
+    if settings.decay_steps and settings.steps == sys.maxsize:
+        raise UserError("--decay-steps counts back from --steps, and a time-limited CPU run has none: pass "
+                        "--steps too")
 
 
 if __name__ == "__main__":
     run_cli(lambda: parse_args(sys.argv[1:]))   # --help and flag errors answer before PyTorch loads
 
-# ruff: noqa: E402 (PyTorch and the modules that use it load only here, after the flags)
+# ruff: noqa: E402
+# PyTorch and the modules that use it load only here, after the flags.
 import torch
 import torch.distributed as dist
 
@@ -216,9 +225,11 @@ from sample import draw_samples, save_grid, tf32
 #                                    The pieces of a step
 # ----------------------------------------------------------------------------------------------
 
-def learning_rate(step, lr, warmup):
-    """Linear warm-up over `warmup` steps, then constant."""
-    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+def learning_rate(step, lr, warmup, steps, decay_steps):
+    """Linear warm-up over `warmup` steps, then constant; with decay_steps, a linear fall to 0 over the last
+    decay_steps of `steps` (a warm-up, stable, decay schedule)."""
+    factor = min(1.0, (step + 1) / warmup) if warmup else 1.0
+    return lr * (min(factor, (steps - step) / decay_steps) if decay_steps else factor)
 
 
 def optimizer_step(loss, model, optimizer, scaler, grad_clip):
@@ -292,8 +303,9 @@ def pick_amp(flag, device):
 def make_configs(settings, ds):
     """The model config (the preset, its size flags, the dataset's shape) and the diffusion config."""
     sizes = {k: getattr(settings, k) for k in ("hidden_size", "depth", "num_heads", "patch_size")}
+    resized = {k: v for k, v in sizes.items() if v is not None}
     try:
-        config = dataclasses.replace(PRESETS[settings.model], **{k: v for k, v in sizes.items() if v},
+        config = dataclasses.replace(PRESETS[settings.model], **resized,
                                      image_size=settings.image_size, in_channels=ds.channels,
                                      num_classes=ds.num_classes, class_dropout_prob=settings.label_dropout,
                                      learn_sigma=settings.learn_sigma)
@@ -353,7 +365,8 @@ def train(settings, out, rank, world, device):
     if resumed:
         # The same run continues: its configs must be the flags' ones, then every state comes back.
         defaults = {"model": {}, "diffusion": support.config_dict(DiffusionConfig())}
-        ckpt = support.load_for_resume(resumed, configs, defaults)
+        ckpt = support.load_for_resume(resumed, configs, defaults, (settings.dataset, ds.class_names),
+                                       dataclasses.asdict(settings), say)
         for part, key in ((model, "model"), (ema, "ema"), (optimizer, "optimizer")):
             part.load_state_dict(ckpt[key])
         if scaler is not None and ckpt.get("scaler"):
@@ -391,8 +404,9 @@ def train(settings, out, rank, world, device):
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     B, my_rows = settings.batch_size, slice(rank, None, world)
     last_good = f"{resumed} (step {step})" if resumed else "none was written yet"
-    with support.TrainingRun(out, settings, step, t_start, wall_before, world, device, rank, save, grid,
-                             last_good) as run:
+    with support.TrainingRun(out, settings, ckpt_path=ckpt_path, step=step, t_start=t_start,
+                             wall_before=wall_before, world=world, device=device, rank=rank, save=save,
+                             grid=grid, last_good=last_good) as run:
         # ======================================= the loop =======================================
         while step < settings.steps:
             # The global batch, drawn identically on every rank; this rank keeps rows rank::world.
@@ -402,7 +416,7 @@ def train(settings, out, rank, world, device):
             x0 = data.to_model_range(images[idx])
             y = labels[idx]
             # One optimizer step on the diffusion loss, then the moving average of the weights.
-            lr = learning_rate(step, settings.lr, settings.warmup)
+            lr = learning_rate(step, settings.lr, settings.warmup, settings.steps, settings.decay_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
@@ -411,7 +425,8 @@ def train(settings, out, rank, world, device):
             step_skipped = optimizer_step(loss, model, optimizer, scaler, settings.grad_clip)
             update_ema(ema, model, settings.ema_decay, step)
             step += 1
-            # Logs, grids, checkpoints, NaN and stops: decided together on all ranks.
+            # NaN, signal, time limit and snapshot, decided together on all ranks before anything is saved;
+            # then the log row, grid and checkpoint that are due.
             if run.after_step(step, loss_value, lr, step_skipped, fp16=scaler is not None):
                 break
         # ========================================================================================
@@ -439,7 +454,7 @@ def main(argv=None):
                 with tf32(device.type == "cuda"):
                     signum, unfinished = train(settings, out, rank, world, device)
                 if unfinished and rank == 0:
-                    print(f"continue it with: {support.resume_command(argv, out)}")
+                    print(f"continue it with: {support.resume_command(argv, out, world)}")
                 if world > 1:
                     dist.barrier()          # no rank tears gloo down while a peer still talks to it
         except BaseException:

@@ -135,15 +135,15 @@ def run_main(monkeypatch, capsys, *argv):
 
 def test_score_end_to_end_on_a_tiny_checkpoint_and_its_npz(tiny_ckpt, tmp_path, monkeypatch, capsys):
     npz, js = tmp_path / "s.npz", tmp_path / "s.json"
-    out = run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "3", "--steps", "3",
+    out = run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "13", "--steps", "3",
                    "--cfg-scale", "2", "--data-dir", DATA, "--save-npz", str(npz), "--out-json", str(js))
-    assert "FD (MNIST-CNN)" in out and "floor (30 real training digits)" in out
+    assert "FD (MNIST-CNN)" in out and "floor (130 real training digits)" in out
     r = json.loads(js.read_text())
-    assert r["n"] == 30 and r["counts"] == [3] * 10 and r["nfe_per_image"] == 6 and r["fd"] > r["floor"]
+    assert r["n"] == 130 and r["counts"] == [13] * 10 and r["nfe_per_image"] == 6 and r["fd"] > r["floor"]
     assert r["accuracy"] < 0.5                                           # random weights draw no digits
     with np.load(npz) as z:
-        assert z["images"].shape == (30, 1, 32, 32) and z["images"].dtype == np.uint8
-        assert z["labels"].tolist() == [i % 10 for i in range(30)]
+        assert z["images"].shape == (130, 1, 32, 32) and z["images"].dtype == np.uint8
+        assert z["labels"].tolist() == [i % 10 for i in range(130)]
     again = mnist_cnn.score_images(*evaluate.load_npz(npz), DATA)         # the saved digits score the same
     assert again["fd"] == pytest.approx(r["fd"]) and again["accuracy"] == r["accuracy"]
     out = run_main(monkeypatch, capsys, "score", "--npz", str(npz), "--data-dir", DATA)
@@ -152,16 +152,16 @@ def test_score_end_to_end_on_a_tiny_checkpoint_and_its_npz(tiny_ckpt, tmp_path, 
 
 def test_table_end_to_end_on_a_tiny_checkpoint(tiny_ckpt, tmp_path, monkeypatch, capsys):
     md, js = tmp_path / "t.md", tmp_path / "t.json"
-    run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "2", "--rows", "ddim-2,ddim-3,dpm++2m-3:1",
+    run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "13", "--rows", "ddim-2,ddim-3,dpm++2m-3:14",
              "--cfg-scales", "3", "--sweep-at", "ddim-2", "--data-dir", DATA, "--out-md", str(md), "--out-json", str(js))
     report = json.loads(js.read_text())
     assert [r["cfg_scale"] for r in report["sweep"]] == [1.0, 3.0]
     scales = sorted({1.0, report["best_cfg_scale"]})                    # each row at CFG 1 and the best scale
     assert [(r["steps"], r["n"], r["cfg_scale"]) for r in report["rows"]] == \
-        [(2, 20, s) for s in scales] + [(3, 20, s) for s in scales] + [(3, 10, s) for s in scales]
+        [(2, 130, s) for s in scales] + [(3, 130, s) for s in scales] + [(3, 140, s) for s in scales]
     assert report["recommended"]["sampler"] == "ddim"                  # chosen among the rows of the common N
     assert "FD (MNIST-CNN)" in md.read_text() and "(chosen)" in md.read_text()
-    out = run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "2", "--rows", "ddim-2,ddim-3",
+    out = run_main(monkeypatch, capsys, "table", "--ckpt", tiny_ckpt, "--per-class", "13", "--rows", "ddim-2,ddim-3",
                    "--cfg-scales", "3", "--sweep-at", "ddim-2", "--data-dir", DATA, "--out-json", str(js), "--resume")
     assert f"reusing {2 + len(report['rows'])} results" in out                # an interrupted table goes on
     again = json.loads(js.read_text())
@@ -187,11 +187,29 @@ def test_scored_digits_are_the_ones_sample_py_draws(tiny_ckpt, tmp_path, monkeyp
     from PIL import Image
     from sample import image_grid
     npz, png = tmp_path / "e.npz", tmp_path / "s.png"
-    run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "2", "--data-dir", DATA,
+    run_main(monkeypatch, capsys, "score", "--ckpt", tiny_ckpt, "--per-class", "13", "--data-dir", DATA,
              "--save-npz", str(npz))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpt, "--num-samples", "20",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", tiny_ckpt, "--num-samples", "130",
                         "--out", str(png)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     with np.load(npz) as z:
         ours = np.array(image_grid(torch.from_numpy(z["images"]).float() / 127.5 - 1, nrow=8))
     assert np.array_equal(ours, np.array(Image.open(png)))
+
+
+def test_scores_refuse_inputs_they_would_read_wrong(tmp_path, capsys):
+    """Floats outside [-1, 1], RGB images and too few images for an FD in 128 features are one-line errors,
+    and an FD from fewer than 1,000 images carries a warning."""
+    for low, high in ((0.0, 1.0), (0.0, 255.0)):
+        path = tmp_path / f"f{high:g}.npz"
+        np.savez(path, images=np.linspace(low, high, 10 * 32 * 32, dtype=np.float32).reshape(10, 1, 32, 32),
+                 labels=np.arange(10))
+        with pytest.raises(UserError, match=r"float images must be in \[-1, 1\] .* span \[0, " + f"{high:g}"):
+            evaluate.load_npz(path)
+    with pytest.raises(UserError, match=r"\(4, 3, 32, 32\): the classifier reads 1-channel digits, not RGB"):
+        mnist_cnn.score_images(torch.zeros((4, 3, 32, 32), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(UserError, match="10 images cannot give a Frechet distance in 128 features"):
+        mnist_cnn.score_images(torch.zeros((10, 1, 32, 32), dtype=torch.uint8), torch.arange(10), DATA)
+    images = torch.randint(0, 256, (200, 1, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mnist_cnn.score_images(images, torch.arange(200) % 10, DATA)
+    assert "warning: an FD from 200 images" in capsys.readouterr().err

@@ -68,7 +68,7 @@ def test_same_seed_same_png_and_batching_does_not_matter(ckpt, tmp_path):
 
 def test_ddpm_cfg_thresholding_no_ema_run(ckpt, tmp_path):
     out = run(ckpt, tmp_path, "--labels", "0 1", "--sampler", "ddpm", "--cfg-scale", "3", "--thresholding",
-              "--no-ema", "--eta", "0.5")
+              "--no-ema")
     assert Image.open(out).size == (2 * CELL + 2, CELL + 2)
 
 

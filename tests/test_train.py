@@ -89,7 +89,7 @@ def test_nan_loss_stops_and_names_last_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_saves_checkpoint_and_exits_with_the_resume_command(tmp_path, signum):
     out = str(tmp_path / "run")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *TINY, "--steps", "100000", "--log-every", "1000",
@@ -177,10 +177,17 @@ def test_lesson_recipe_sets_the_lesson_flags():
 
 def test_learning_rate_warms_up_then_stays_constant():
     args = train.parse_args(["--lr", "1e-3", "--warmup", "100"])
-    assert train.learning_rate(0, args.lr, args.warmup) == pytest.approx(1e-5) and train.learning_rate(49, args.lr, args.warmup) == pytest.approx(5e-4)
-    assert train.learning_rate(99, args.lr, args.warmup) == train.learning_rate(29_999, args.lr, args.warmup) == 1e-3
-    args = train.parse_args(["--warmup", "0"])
-    assert train.learning_rate(0, args.lr, args.warmup) == 1e-3
+    lr = lambda step: train.learning_rate(step, args.lr, args.warmup, 30_000, args.decay_steps)   # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(49) == pytest.approx(5e-4)
+    assert lr(99) == lr(29_999) == 1e-3
+    assert train.learning_rate(0, 1e-3, 0, 30_000, 0) == 1e-3
+
+
+def test_decay_steps_let_the_learning_rate_fall_to_zero_at_the_last_step():
+    lr = lambda step: train.learning_rate(step, 1e-3, 100, 1000, 200)                            # noqa: E731
+    assert lr(0) == pytest.approx(1e-5) and lr(799) == 1e-3
+    assert lr(800) == pytest.approx(1e-3) and lr(900) == pytest.approx(5e-4) and lr(999) == pytest.approx(5e-6)
+    assert [lr(s) for s in range(800, 1000)] == sorted((lr(s) for s in range(800, 1000)), reverse=True)
 
 
 def test_a_cpu_run_without_a_budget_trains_for_30_minutes(capsys):
@@ -272,7 +279,8 @@ def test_images_per_s_counts_every_step_also_a_skipped_fp16_one(tmp_path, monkey
     monkeypatch.setattr(support.time, "time", lambda: now[0])
     s = types.SimpleNamespace(steps=10, batch_size=8, max_minutes=None, snapshot_minutes=None, log_every=4,
                               sample_every=0, ckpt_every=0)
-    with support.TrainingRun(str(tmp_path), s, 0, 100.0, 0.0, 1, torch.device("cpu"), 0, save=None, grid=None,
+    with support.TrainingRun(str(tmp_path), s, ckpt_path=str(tmp_path / "ckpt.pt"), step=0, t_start=100.0,
+                             wall_before=0.0, world=1, device=torch.device("cpu"), rank=0, save=None, grid=None,
                              last_good="none") as run:
         for step, (loss, skipped) in enumerate(((0.5, False), (float("inf"), True), (0.3, False), (0.4, False)), 1):
             now[0] = 100.0 + step / 2                                # 4 steps in 2 s

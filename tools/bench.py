@@ -43,8 +43,9 @@ from dit import DiT, DiTConfig, PRESETS, count_parameters
 from export import export_onnx
 from infer_trt import OrtBackend, TrtBackend
 from sample import draw_samples, model_from_checkpoint
-from support import (Progress, UserError, atomic_write, check_sidecar, check_writable, checkpoint_or_shipped,
-                     config_dict, load_sidecar, pick_device, refuse_overwrite)
+from support import (DEFAULT_LOWER_ORDER_FINAL, Progress, UserError, atomic_write, check_sidecar,
+                     check_writable, checkpoint_or_shipped, config_dict, load_sidecar, pick_device,
+                     refuse_overwrite)
 
 LESSON_STEPS = 30_000           # the xdiffusion lesson's training length
 # "Same digits as the baseline": on average within one grey level of 255, and no pixel off by more than
@@ -147,7 +148,8 @@ def sample_digits(fn, diffusion, config, args, device, sampler, steps):
     every backend."""
     labels = [i % config.num_classes for i in range(args.digits)]
     return draw_samples(fn, diffusion, config, labels, torch.Generator().manual_seed(0), sampler=sampler,
-                        steps=steps, cfg_scale=args.cfg_scale, batch_size=args.digits, device=device)
+                        steps=steps, cfg_scale=args.cfg_scale, batch_size=args.digits, device=device,
+                        lower_order_final=DEFAULT_LOWER_ORDER_FINAL)
 
 
 def bench_sampling(fns, model, diffusion, args, device, sync):
@@ -413,6 +415,14 @@ def main(argv=None):
     names = pick_rows(available, args.backends, "--backends", quick_default if args.quick else available)
     if device.type == "cuda" and not args.trt_engine:
         notes.append("trt row not run: pass --trt-engine ENGINE (python export.py --ckpt CKPT builds it)")
+    if args.ddpm == "measure":
+        ddpm_rows = [w.strip() for w in args.ddpm_backends.split(",") if w.strip()]
+        unknown = [w for w in ddpm_rows if w not in names]
+        if unknown:
+            raise UserError(f"--ddpm-backends: {unknown[0]!r} is not a sampling row of this run; choose from "
+                            f"{', '.join(names)}")
+    elif args.ddpm_backends != "eager":
+        raise UserError("--ddpm-backends applies to --ddpm measure only; pass --ddpm measure or drop it")
     train_available = training_backends(device, low)
     train_names = pick_rows(train_available, args.train_backends, "--train-backends",
                             ["eager"] if args.quick else train_available)

@@ -42,8 +42,8 @@ from infer_trt import open_backend
 from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier
 from sample import TorchBackend, draw_samples, model_from_checkpoint
 from speedups import machine_line
-from support import (SAMPLERS, UserError, atomic_write, check_writable, checkpoint_or_shipped, first_line,
-                     pick_device, refuse_overwrite)
+from support import (DEFAULT_LOWER_ORDER_FINAL, SAMPLERS, UserError, atomic_write, check_writable,
+                     checkpoint_or_shipped, first_line, pick_device, refuse_overwrite)
 from tool_flags import KEPT_SAMPLES
 
 
@@ -79,7 +79,8 @@ def parse_setting(text):
 
 
 def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale, per_class, seed, batch_size,
-                     data_dir=None, classifier_path=CLASSIFIER_PATH, keep=None):
+                     data_dir=None, classifier_path=CLASSIFIER_PATH, keep=None,
+                     lower_order_final=DEFAULT_LOWER_ORDER_FINAL):
     """Draw per_class digits of each class with one sampler setting, time it, score it ->
     (result dict, images, labels)."""
     # sample.py's labels (0, 1, ..., 9, 0, ...) and sample.draw_samples (all starting noise drawn up front
@@ -89,10 +90,18 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
     model_fn(torch.zeros(n, 1, 32, 32, device=device), torch.zeros(n, dtype=torch.long, device=device),
              torch.zeros(n, dtype=torch.long, device=device))   # warm-up: one-off setup
                                                                 # stays out of the timing
-    start = time.perf_counter()
-    images = draw_samples(model_fn, diffusion, cfg, labels.tolist(), torch.Generator().manual_seed(seed),
-                          sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size,
-                          device=device)
+    start, done = time.perf_counter(), []
+    try:
+        images = draw_samples(model_fn, diffusion, cfg, labels.tolist(), torch.Generator().manual_seed(seed),
+                              sampler=sampler, steps=steps, cfg_scale=cfg_scale, batch_size=batch_size,
+                              device=device, done=done, lower_order_final=lower_order_final)
+    except KeyboardInterrupt:            # Ctrl-C, SIGTERM or SIGHUP: the digits drawn so far are kept
+        if keep is not None and done:
+            drawn = torch.cat(done)
+            saved = save_samples(keep, to_uint8(drawn), labels[:len(drawn)])
+            print(f"stopped after {len(drawn)} of {len(labels)} digits; they are kept in {saved} (score them "
+                  f"with --npz {saved})", file=sys.stderr)
+        raise
     seconds = time.perf_counter() - start
     images = to_uint8(images)                           # quantised to uint8 like a saved PNG
     print(f"scoring {len(images)} digits: the classifier, FD against the test digits and the floor",
@@ -108,8 +117,9 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
             raise
         raise UserError(f"{e} (the {len(images)} samples are kept in {saved}: "
                         f"score them with --npz {saved})") from None
-    result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, per_class=per_class, seed=seed,
-                  batch_size=batch_size, nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
+    result.update(sampler=sampler, steps=steps, cfg_scale=cfg_scale, lower_order_final=lower_order_final,
+                  per_class=per_class, seed=seed, batch_size=batch_size,
+                  nfe_per_image=steps * (1 if cfg_scale == 1.0 else 2),
                   wall_s=seconds, wall_s_per_64=seconds / len(labels) * 64)
     return result, images, labels
 
@@ -129,6 +139,9 @@ def check_before_sampling(args):
         check_writable(path)
     refuse_overwrite(outputs, {"--ckpt": args.ckpt, "--npz": getattr(args, "npz", None), "--onnx": args.onnx,
                                "--classifier": args.classifier})
+    if args.onnx and args.backend != "ort":
+        raise UserError("--onnx is run by --backend ort; pass --backend ort, or drop --onnx to sample with "
+                        "PyTorch")
     if getattr(args, "resume", False) and not args.out_json:
         raise UserError("--resume reuses the results in --out-json, and none was given; pass --out-json FILE")
     load_classifier(args.classifier)
@@ -150,6 +163,12 @@ def load_npz(path):
     elif images.dim() == 4 and images.shape[-1] == 1:
         images = images.permute(0, 3, 1, 2)              # (N, H, W, 1) -> (N, 1, H, W)
     if images.is_floating_point():
+        low, high = (images.min().item(), images.max().item()) if images.numel() else (0.0, 0.0)
+        # Digits in [-1, 1] have a background at -1: [0, 1] or [0, 255] arrays would score as other digits.
+        if not (-1.001 <= low < 0 and high <= 1.001):
+            raise UserError(f"{path}: float images must be in [-1, 1] (the model's range), these span "
+                            f"[{low:.3g}, {high:.3g}]; rescale them (x * 2 - 1 for [0, 1]) or save uint8 "
+                            f"0-255")
         images = to_uint8(images)
     return images.contiguous(), torch.from_numpy(np.asarray(labels)).long()
 
@@ -268,7 +287,8 @@ def run_score(args):
         result, images, labels = sample_and_score(model_fn, diffusion, config, device, args.sampler,
                                                   args.steps, args.cfg_scale, args.per_class, args.seed,
                                                   args.batch_size, args.data_dir, args.classifier,
-                                                  keep=args.save_npz or KEPT_SAMPLES)
+                                                  keep=args.save_npz or KEPT_SAMPLES,
+                                                  lower_order_final=args.lower_order_final)
         if args.save_npz:
             save_samples(args.save_npz, images, labels)
         result.update(ckpt=os.path.abspath(args.ckpt), backend=args.backend, machine=machine_line(device))

@@ -20,12 +20,27 @@ import tempfile
 if __package__ in (None, ""):          # run as a script: the repository's modules, one folder up
     sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
 
+from support import ArgumentParser, checkpoint_or_shipped, nonnegative_int, number_list, positive_int, run_cli
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="The fp16 gate's margin on a checkpoint (see the module docstring).")
+    p.add_argument("--ckpt", default=None, help="checkpoint (None: the shipped model)")
+    p.add_argument("--max-batch", type=positive_int, default=256, help="export.py's --max-batch")
+    p.add_argument("--seeds", type=number_list(nonnegative_int), default=[0],
+                   help="seeds of the check inputs")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    run_cli(lambda: parse_args(sys.argv[1:]))   # --help answers before PyTorch loads
+
+# ruff: noqa: E402
 import torch
 import torch.nn.functional as F
 
 import export
 from sample import LowPrecision, TorchBackend, model_from_checkpoint
-from support import ArgumentParser, checkpoint_or_shipped, nonnegative_int, number_list, positive_int, run_cli
 
 
 def fp16_sum_attention(q, k, v):
@@ -43,12 +58,7 @@ def fp16_sum_attention(q, k, v):
 
 
 def main(argv=None):
-    p = ArgumentParser(description="The fp16 gate's margin on a checkpoint (see the module docstring).")
-    p.add_argument("--ckpt", default=None, help="checkpoint (None: the shipped model)")
-    p.add_argument("--max-batch", type=positive_int, default=256, help="export.py's --max-batch")
-    p.add_argument("--seeds", type=number_list(nonnegative_int), default=[0],
-                   help="seeds of the check inputs")
-    args = p.parse_args(argv)
+    args = parse_args(argv)
     model, diffusion, _, _ = model_from_checkpoint(checkpoint_or_shipped(args.ckpt))
     reference, fp16 = TorchBackend(model), TorchBackend(LowPrecision(model, torch.float16))
     config, T = model.config, diffusion.num_timesteps

@@ -109,12 +109,12 @@ for name in ("tensorrt", "onnxruntime"):
         import onnxruntime
         extra = f" {onnxruntime.__version__}, providers {onnxruntime.get_available_providers()}"
     if found and name == "tensorrt":
-        import backends
-        extra = f": {backends.trt_unavailable_reason() or 'usable'}"
+        import infer_trt
+        extra = f": {infer_trt.trt_unavailable_reason() or 'usable'}"
     print(name, "installed" + extra if found else "not installed")
 EOF
 GPU=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
-TRT=$("$PY" -c "import backends; print(int(backends.trt_unavailable_reason() is None))" 2>/dev/null || echo 0)
+TRT=$("$PY" -c "import infer_trt; print(int(infer_trt.trt_unavailable_reason() is None))" 2>/dev/null || echo 0)
 
 # 2. The deployment: the shipped model exported on the GPU, and sampled on what the export wrote
 if [ "$GPU" = 1 ]; then

@@ -3,10 +3,15 @@ The project's yardstick for MNIST samples: a small classifier it trains itself, 
 distance in that classifier's features ("FD (MNIST-CNN)", never FID). evaluate.py is the command
 line around it; the metrics are defined in its docstring.
 
-    python tools/evaluate.py train-classifier      # MnistCNN, 5 epochs -> tools/mnist_cnn.pt
+    python tools/evaluate.py train-classifier --out my_cnn.pt     # MnistCNN, 5 epochs, a new file
 """
-import os
 import sys
+
+if __name__ == "__main__":      # run by hand: say what this file is, before importing what it needs
+    sys.exit(f"{sys.argv[0]}: a module of tools/evaluate.py (its classifier), not a script; "
+             f"run python tools/evaluate.py")
+
+import os
 import time
 
 import numpy as np
@@ -15,10 +20,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import load_dataset, to_model_range
-from support import UserError, atomic_write
+from support import UserError, atomic_write, check_writable, file_sha256
 
 CLASSIFIER_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_cnn.pt")
 CLASSIFIER_FORMAT = "mnist-cnn"
+FEATURES = 128          # the feature layer whose statistics FD compares
+MIN_SCORED = 1000       # below this many images an FD is far from its value at 10,000: a warning says so
 
 
 # ----------------------------------------------------------------------------------------------
@@ -29,7 +36,7 @@ class MnistCNN(nn.Module):
     """LeNet-style CNN on 32x32 digits in [-1, 1]: three conv+pool stages, a 128-d feature layer,
     10 logits."""
 
-    def __init__(self, feature_dim=128, dropout=0.3):
+    def __init__(self, feature_dim=FEATURES, dropout=0.3):
         super().__init__()
         self.convs = nn.Sequential(
             nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),      # (N, 32, 16, 16)
@@ -99,7 +106,11 @@ def random_shift(x, max_shift, generator):
 
 def train_classifier(args):
     """Train MnistCNN on the 60k training digits (shifts of +-2 px), report test accuracy, save small
-    weights."""
+    weights into a new file: an existing classifier, the shipped yardstick above all, is never replaced."""
+    if os.path.lexists(args.out):
+        raise UserError(f"--out {args.out} exists; write the new classifier to a new file (scores name the "
+                        f"classifier they used, and --classifier chooses it)")
+    check_writable(args.out, "--out")
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     train = load_dataset("mnist", data_dir=args.data_dir, split="train")
@@ -205,12 +216,20 @@ def real_floor(counts, data_dir, classifier_path=CLASSIFIER_PATH, seed=0):
 def score_images(images, labels, data_dir=None, classifier_path=CLASSIFIER_PATH):
     """uint8 digits (N, 1, 32, 32) drawn for labels (N,) -> dict of accuracy, per-class accuracy, FD and
     floor."""
-    if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (1, 32, 32):
-        raise UserError(f"images must be uint8 (N, 1, 32, 32) MNIST-like digits, got {images.dtype} "
-                        f"{tuple(images.shape)}; pad 28x28 digits to 32x32 (data.load_dataset does)")
-    if len(images) < 2 or len(labels) != len(images) or labels.min() < 0 or labels.max() > 9:
-        raise UserError(f"need >= 2 images and one label 0-9 per image, got {len(images)} images and "
-                        f"{len(labels)} labels")
+    shape = tuple(images.shape)
+    if images.dtype != torch.uint8 or images.dim() != 4 or shape[1:] != (1, 32, 32):
+        fix = ("the classifier reads 1-channel digits, not RGB images" if images.dim() == 4 and shape[1] == 3
+               else "pad 28x28 digits to 32x32 (data.load_dataset does)" if shape[-2:] == (28, 28)
+               else "give MNIST-like digits of 32x32, 1 channel")
+        raise UserError(f"images must be uint8 (N, 1, 32, 32), got {images.dtype} {shape}: {fix}")
+    if len(labels) != len(images) or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
+        raise UserError(f"need one label 0-9 per image, got {len(images)} images and {len(labels)} labels")
+    if len(images) <= FEATURES:
+        raise UserError(f"{len(images)} images cannot give a Frechet distance in {FEATURES} features (its "
+                        f"covariance needs more images than dimensions); score at least {MIN_SCORED}")
+    if len(images) < MIN_SCORED:
+        print(f"warning: an FD from {len(images)} images is far above its value at 10,000 and compares only "
+              f"with FDs of as many images (its floor is printed beside it)", file=sys.stderr)
     labels = labels.long()
     logits, feats = classify(load_classifier(classifier_path)[0], images)
     correct = (logits.argmax(1) == labels).double()
@@ -218,4 +237,5 @@ def score_images(images, labels, data_dir=None, classifier_path=CLASSIFIER_PATH)
     per_class = [correct[labels == c].mean().item() if counts[c] else None for c in range(10)]
     fd = frechet_distance(*feature_statistics(feats), *reference_statistics(data_dir, classifier_path))
     return {"n": len(images), "counts": counts, "accuracy": correct.mean().item(),
-            "per_class_accuracy": per_class, "fd": fd, "floor": real_floor(counts, data_dir, classifier_path)}
+            "per_class_accuracy": per_class, "fd": fd, "floor": real_floor(counts, data_dir, classifier_path),
+            "classifier": {"path": os.path.abspath(classifier_path), "sha256": file_sha256(classifier_path)}}

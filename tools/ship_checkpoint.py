@@ -48,6 +48,9 @@ def main(argv=None):
     args = parse_ship_checkpoint_args(argv)
     refuse_overwrite({"--out": args.out}, {"ckpt": args.ckpt, **{f"--scores {p}": p for p in args.scores}})
     ckpt = load_checkpoint(args.ckpt)
+    if ckpt.get("sampling_only"):
+        raise UserError(f"{args.ckpt} is already a sampling-only checkpoint (made by ship_checkpoint.py); "
+                        f"pass the run's ckpt.pt or a ckpt_<M>min.pt snapshot")
     if ckpt.get("ema") is None or "step" not in ckpt:
         raise UserError(f"{args.ckpt} has no EMA weights or step count; "
                         f"pass a checkpoint written by train.py")

@@ -15,6 +15,12 @@ DiT code runs); docs/results.md says which one wins where.
 
 Read top to bottom:  the machine -> inference wrappers -> training -> FLOPs and peak -> measuring.
 """
+import sys
+
+if __name__ == "__main__":      # run by hand: say what this file is, before importing what it needs
+    sys.exit(f"{sys.argv[0]}: a module of tools/bench.py (its backends), not a script; "
+             f"run python tools/bench.py")
+
 import contextlib
 import ctypes
 import importlib.metadata

@@ -3,11 +3,19 @@ The command lines of the tools (bench.py, evaluate.py, plot_curve.py, ship_check
 files they pass between them. PyTorch-free, like the flags at the top of the main scripts, so that their
 --help and flag errors answer before PyTorch loads.
 """
+import sys
+
+if __name__ == "__main__":      # run by hand: say what this file is, before importing what it needs
+    sys.exit(f"{sys.argv[0]}: a module of the tools (their flags), not a script; "
+             f"run python tools/evaluate.py or tools/bench.py")
+
+import argparse
 import json
 import os
 
-from support import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, ArgumentParser, UserError,
-                     nonnegative_float, nonnegative_int, number_list, positive_float, positive_int)
+from support import (DEFAULT_CFG, DEFAULT_LOWER_ORDER_FINAL, DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS,
+                     ArgumentParser, UserError, nonnegative_float, nonnegative_int, number_list,
+                     positive_float, positive_int)
 
 # ----------------------------------------------------------------------------------------------
 #                                          bench.py
@@ -84,7 +92,8 @@ def parse_evaluate_args(argv):
     p.add_argument("--max-shift", type=nonnegative_int, default=2,
                    help="random shifts of +-N pixels (augmentation)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batches")
-    p.add_argument("--out", default=CLASSIFIER, help="where the weights go")
+    p.add_argument("--out", required=True, help="where the weights go: a new file (every score in "
+                   "docs/results.md used the shipped tools/mnist_cnn.pt, which is never replaced)")
     for name in ("score", "table"):
         p = sub.add_parser(name, help="score one sampler setting" if name == "score" else
                            "grid of sampler settings x CFG scales as a markdown table")
@@ -98,6 +107,9 @@ def parse_evaluate_args(argv):
             p.add_argument("--steps", type=positive_int, default=DEFAULT_STEPS, help="sampling steps")
             p.add_argument("--cfg-scale", type=nonnegative_float, default=DEFAULT_CFG,
                            help="classifier-free guidance scale")
+            p.add_argument("--lower-order-final", action=argparse.BooleanOptionalAction,
+                           default=DEFAULT_LOWER_ORDER_FINAL,
+                           help="dpm++2m: a first-order last step below 15 steps (sample.py's default)")
             p.add_argument("--per-class", type=positive_int, default=1000,
                            help="samples per class (1000: headline)")
             p.add_argument("--save-npz", help="also write the drawn digits to this .npz")
