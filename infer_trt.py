@@ -427,10 +427,15 @@ def check_file(flag, path):
         return
     if not os.path.exists(path):
         raise UserError(f"{flag} {path} does not exist; export.py writes the engine and the ONNX files")
-    if not os.path.isfile(path):
+    if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder, not a file; pass the file export.py wrote in it")
-    with open(path, "rb") as f:
-        zipped = f.read(4) == b"PK\x03\x04"         # torch.save writes a zip archive
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is not a regular file; pass the file export.py wrote")
+    try:
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"     # torch.save writes a zip archive
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be read ({e.strerror}); check its permissions") from None
     if flag != "--ckpt" and zipped:
         raise UserError(f"{flag} {path} is a PyTorch checkpoint, not an exported file; pass it as --ckpt, "
                         f"or the file `python export.py --ckpt {path}` writes")

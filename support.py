@@ -45,10 +45,18 @@ import warnings
 # a note says; on a quiet one they spin at most 10,000 times, as fast as the default there. docs/results.md
 # measures each setting (tools/cpu_threads.py).
 OPENMP_NOTE = None
+def load_average():
+    """The 1-minute load average, or 0 where the system has none."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+
+
 if not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(os.environ):
-    if hasattr(os, "getloadavg") and os.getloadavg()[0] >= 1.0:
+    if load_average() >= 1.0:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        OPENMP_NOTE = (f"note: this CPU is busy (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+        OPENMP_NOTE = (f"note: this CPU is busy (load average {load_average():.1f} on {os.cpu_count()} "
                        f"cores): PyTorch's threads wait passively (set OMP_WAIT_POLICY=ACTIVE to make them "
                        f"spin)")
     else:
@@ -91,21 +99,24 @@ def run_cli(main, memory_hint="lower --batch-size"):
     Ctrl-C, SIGTERM and SIGHUP are one line and exit status 128 + the signal (every file is written
     atomically, so none is left half-written; work that can keep what it did, keeps it); a full disk and
     running out of memory are one line each, naming what to free or the flag to lower (memory_hint)."""
-    name = os.path.basename(sys.argv[0])
     global OPENMP_NOTE
-    if OPENMP_NOTE and "--help" not in sys.argv and "-h" not in sys.argv:
-        print(OPENMP_NOTE, file=sys.stderr)
-        OPENMP_NOTE = None                      # said once, though run_cli runs twice (flags, then main)
-    previous = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)}
+    name = os.path.basename(sys.argv[0])
+    master = os.environ.get("RANK", "0") == "0"             # under torchrun, rank 0 speaks for all
+    previous = {s: signal.signal(s, raise_stopped) for s in (signal.SIGTERM, signal.SIGHUP)
+                if signal.getsignal(s) is not signal.SIG_IGN}          # nohup's ignored SIGHUP stays so
     try:
         main()
+        if OPENMP_NOTE and master:              # once the flags parsed: a flag error stays one line
+            print(OPENMP_NOTE, file=sys.stderr)
+        OPENMP_NOTE = None
     except UserError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"{name}: interrupted ({what}); no file was left half-written", file=sys.stderr)
+        if master:
+            print(f"{name}: interrupted ({what}); no file was left half-written", file=sys.stderr)
         sys.exit(128 + signum)
     except Exception as e:
         if disk_full(e):
@@ -407,6 +418,7 @@ def atomic_write(path, write_fn, binary=True):
 def remove_stale_temp_files(path):
     """Delete the temp files a killed atomic_write of `path` left behind
     (the caller holds the folder's lock)."""
+    path = os.path.realpath(path) if os.path.islink(path) else path     # atomic_write writes by the target
     folder, name = os.path.split(os.path.abspath(os.fspath(path)))
     for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
         with contextlib.suppress(OSError):
@@ -415,7 +427,9 @@ def remove_stale_temp_files(path):
 
 def check_writable(path, flag="the output"):
     """Fail before minutes of work, not after, when the output (given as `flag`) cannot be written: a folder,
-    a FIFO or a socket is refused (a character device such as /dev/null is written through)."""
+    a FIFO or a socket is refused (a character device such as /dev/null is written through); a symbolic link
+    is checked where it points, where atomic_write will write."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
     if os.path.isdir(path):
         raise UserError(f"{flag} {path} is a folder, not a file; give a file name (inside it, if you like)")
     if os.path.exists(path) and not os.path.isfile(path) and not is_char_device(path):
@@ -642,8 +656,9 @@ def load_for_resume(path, configs, defaults, data, settings, say):
             raise UserError(f"{path} was trained with another {what} config ({'; '.join(diff)}); resume with "
                             f"the flags of the run that wrote it")
     before = ckpt.get("args") or {}
+    run_only = RUN_SETTINGS - ({"steps"} if settings.get("decay_steps") else set())   # steps time the decay
     changed = [f"--{k.replace('_', '-')} {before[k]} -> {v}" for k, v in settings.items()
-               if k in before and k not in RUN_SETTINGS and before[k] != v]
+               if k in before and k not in run_only and before[k] != v]
     if changed:
         say(f"note: resuming with other settings than the checkpoint's: {', '.join(changed)}")
     return ckpt
@@ -689,6 +704,10 @@ def artifact_sha256(artifact):
 def place_with_sidecar(path, target, meta):
     """Move a checked file and its sidecar into place together: the sidecar is written complete beside the
     file first (a full disk stops there, with nothing moved), then both are renamed, which takes no space."""
+    for final in (target, sidecar_path(target)):
+        if os.path.lexists(final) and not os.path.isfile(final) or os.path.islink(final):
+            raise UserError(f"{final} exists and is not a regular file; it is not replaced: give another "
+                            f"--out-dir")
     write_sidecar(path, meta, name=os.path.basename(target))
     move_into_place(path, target)
     move_into_place(sidecar_path(path), sidecar_path(target))
@@ -821,8 +840,8 @@ class RunLock:
                 or f"another {what}"
             os.close(self.fd)
             if e.errno not in (errno.EAGAIN, errno.EACCES):      # e.g. ENOLCK: this file system has no locks
-                raise UserError(f"cannot lock {folder} ({e.strerror}); "
-                                f"pass an --out on a local disk") from None
+                raise UserError(f"cannot lock {folder} ({e.strerror}); pass an "
+                                f"{'--out' if what == 'run' else '--out-dir'} on a local disk") from None
             raise UserError(f"{folder} is in use by {holder}; wait for it to end, stop it, or pass another "
                             f"{'--out' if what == 'run' else '--out-dir'}") from None
         if what != "run":
@@ -945,16 +964,26 @@ def rng_states(world, device):
 
 class StopFlag:
     """SIGINT, SIGTERM and SIGHUP (a dropped SSH session) set .signum: a long loop finishes its step, saves
-    and exits. A second signal acts as it would have without this. `message` is printed at once on Ctrl-C
-    (SIGINT), so that the user knows it was heard."""
+    and exits. A second SIGINT or SIGTERM acts as it would have without this. `message` is printed at once on
+    Ctrl-C (SIGINT), so that the user knows it was heard. A signal the process ignores (SIGHUP under nohup)
+    stays ignored."""
 
     def __init__(self, message=None):
         self.signum, self.message = None, message
-        signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        signals = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+                   if signal.getsignal(s) is not signal.SIG_IGN]
         self.previous = {s: signal.signal(s, self.handle) for s in signals}
 
     def handle(self, signum, frame):
         self.signum = signum
+        if signum == signal.SIGHUP:
+            # The terminal is gone: writing to it would fail (EIO) before the checkpoint is saved, and the
+            # shell may send SIGHUP again as it exits, which changes nothing.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    if stream.isatty():
+                        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+            return
         signal.signal(signum, self.previous[signum])
         if self.message and signum == signal.SIGINT:
             print(f"\n{self.message}", file=sys.stderr, flush=True)

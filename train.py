@@ -206,6 +206,9 @@ def check_for_device(settings, cuda, world, have_compiler):
     if settings.decay_steps and settings.steps == sys.maxsize:
         raise UserError("--decay-steps counts back from --steps, and a time-limited CPU run has none: pass "
                         "--steps too")
+    if settings.decay_steps > settings.steps:
+        raise UserError(f"--decay-steps {settings.decay_steps} exceeds --steps {settings.steps}: the decay "
+                        f"counts back from the last step; lower it")
 
 
 if __name__ == "__main__":

@@ -120,13 +120,13 @@ def test_evaluate_keeps_the_samples_when_scoring_fails(tiny_ckpt, tmp_path, caps
     def broken(*a, **k):
         raise support.UserError("the scoring broke")
     monkeypatch.setattr(evaluate, "score_images", broken)
-    monkeypatch.setattr(sys, "argv", ["evaluate.py", "score", "--ckpt", tiny_ckpt, "--per-class", "2"])
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "score", "--ckpt", tiny_ckpt, "--per-class", "13"])
     with pytest.raises(SystemExit) as e:
         support.run_cli(evaluate.main)
     err = capsys.readouterr().err.splitlines()[-1]              # after the progress lines
     assert e.value.code == 2 and err.startswith("evaluate.py: error: the scoring broke") and "--npz" in err, err
     with np.load(tmp_path / "runs" / "evaluate-samples.npz") as z:
-        assert z["images"].shape == (20, 1, 32, 32) and list(z["labels"][:3]) == [0, 1, 2]
+        assert z["images"].shape == (130, 1, 32, 32) and list(z["labels"][:3]) == [0, 1, 2]
     assert "evaluate-samples.npz" in err
 
 
@@ -186,7 +186,7 @@ def test_ctrl_c_anywhere_is_one_line_and_exit_130(script, tiny_ckpt, tmp_path, c
     def interrupt(*a, **k):
         raise KeyboardInterrupt
     target, argv = {"sample.py": (sample, ["--ckpt", tiny_ckpt, "--out", str(tmp_path / "g.png")]),
-                    "evaluate.py": (evaluate, ["score", "--ckpt", tiny_ckpt, "--per-class", "1"]),
+                    "evaluate.py": (evaluate, ["score", "--ckpt", tiny_ckpt, "--per-class", "13"]),
                     "export.py": (export, ["--ckpt", tiny_ckpt, "--out-dir", str(tmp_path)]),
                     "train.py": (train, [*TINY, "--steps", "2", "--out", str(tmp_path / "run")])}[script]
     name = {"train.py": "make_configs", "export.py": "export_onnx"}.get(script, "draw_samples")

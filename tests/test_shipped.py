@@ -158,3 +158,15 @@ def test_plot_curve_collects_what_each_snapshot_reached_and_draws_it(tmp_path):
     out, _ = run(plot_curve.main, ["plot", curve, "--out", png])
     assert "| DPM-Solver++(2M) 5, CFG 1.2 | 20 | 70.00 % | 60.0 % | 30.00 | 5.00 | 6.00 |" in out
     assert Image.open(png).size[0] > 500
+    # An earlier curve's points come first; a run that ended on a learning-rate cooldown is a series of its own.
+    cooled = str(tmp_path / "cooled")
+    train.main([*TINY, "--steps", "6", "--decay-steps", "2", "--out", cooled])
+    scores.append(tmp_path / "cooled.json")
+    scores[-1].write_text(json.dumps({"ckpt": os.path.join(cooled, "ckpt.pt"), "sampler": "dpm++2m", "steps": 5,
+                                      "cfg_scale": 1.2, "n": 20, "accuracy": 0.8, "fd": 20.0, "floor": 5.0}))
+    longer = str(tmp_path / "longer.json")
+    run(plot_curve.main, ["collect", str(scores[-1]), "--extend", curve, "--out", longer])
+    rows = json.load(open(longer))
+    assert len(rows) == 4 and rows[-1]["cooldown"] and rows[-1]["step"] == 6
+    out, _ = run(plot_curve.main, ["plot", longer, "--out", png])
+    assert "| DPM-Solver++(2M) 5, CFG 1.2, after a cooldown | 20 | 80.00 % |" in out

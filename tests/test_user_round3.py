@@ -288,3 +288,52 @@ def test_openmp_waits_passively_on_a_busy_machine_unless_told(load, env, expecte
     clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**clean, **env}, capture_output=True, text=True)
     assert r.stdout.split() == [str(v) for v in expected], r.stderr
+
+
+def test_nohup_keeps_sighup_ignored_and_a_hangup_saves_quietly(monkeypatch):
+    """Under nohup SIGHUP stays ignored; otherwise StopFlag takes it, and a repeated SIGHUP changes nothing."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        flag = support.StopFlag()
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        flag.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        flag = support.StopFlag()
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGHUP)              # the shell's hangup, then again as it exits
+        assert flag.signum == signal.SIGHUP and signal.getsignal(signal.SIGHUP) == flag.handle
+        flag.restore()
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+def test_the_openmp_note_never_joins_a_flag_error(monkeypatch, capsys):
+    monkeypatch.setattr(support, "OPENMP_NOTE", "note: this CPU is busy")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--bogus"])
+    with pytest.raises(SystemExit):
+        support.run_cli(lambda: sample.parse_args(["--bogus"]))
+    assert capsys.readouterr().err == "sample.py: error: unrecognized arguments: --bogus\n"
+    support.run_cli(lambda: None)
+    assert capsys.readouterr().err == "note: this CPU is busy\n" and support.OPENMP_NOTE is None
+
+
+def test_too_few_digits_for_an_fd_are_refused_before_sampling(tiny_ckpt, capsys, monkeypatch):  # noqa: F811
+    for argv in (["score", "--per-class", "12"], ["table", "--rows", "ddim-10:12", "--per-class", "13"]):
+        err = one_line_error(capsys, monkeypatch, "evaluate.py", evaluate.main, [*argv, "--ckpt", tiny_ckpt])
+        assert "120 digits cannot give a Frechet distance in 128 features" in err
+
+
+def test_links_and_other_files_are_checked_where_the_output_goes(tmp_path, capsys, monkeypatch):
+    link = tmp_path / "g.png"
+    link.symlink_to("/proc/g.png")
+    with pytest.raises(support.UserError, match="cannot write to /proc"):
+        support.check_writable(str(link), "--out")
+    os.mkfifo(tmp_path / "model.onnx")
+    err = one_line_error(capsys, monkeypatch, "infer_trt.py", infer_trt.main,
+                         ["--onnx", str(tmp_path / "model.onnx"), "--out", str(tmp_path / "x.png")])
+    assert "is not a regular file" in err
+    (tmp_path / "a").write_bytes(b"x")
+    (tmp_path / "deploy").mkdir()
+    (tmp_path / "deploy" / "model.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    with pytest.raises(support.UserError, match="model.onnx exists and is not a regular file"):
+        support.place_with_sidecar(str(tmp_path / "a"), str(tmp_path / "deploy" / "model.onnx"), {})

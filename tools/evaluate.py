@@ -39,7 +39,7 @@ import torch
 
 from data import to_uint8
 from infer_trt import open_backend
-from mnist_cnn import CLASSIFIER_PATH, load_classifier, mnist_split, score_images, train_classifier
+from mnist_cnn import CLASSIFIER_PATH, FEATURES, load_classifier, mnist_split, score_images, train_classifier
 from sample import TorchBackend, draw_samples, model_from_checkpoint
 from speedups import machine_line
 from support import (DEFAULT_LOWER_ORDER_FINAL, SAMPLERS, UserError, atomic_write, check_writable,
@@ -99,8 +99,9 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
         if keep is not None and done:
             drawn = torch.cat(done)
             saved = save_samples(keep, to_uint8(drawn), labels[:len(drawn)])
-            print(f"stopped after {len(drawn)} of {len(labels)} digits; they are kept in {saved} (score them "
-                  f"with --npz {saved})", file=sys.stderr)
+            hint = f"score them with --npz {saved}" if len(drawn) > FEATURES else "too few to score"
+            print(f"stopped after {len(drawn)} of {len(labels)} digits; they are kept in {saved} ({hint})",
+                  file=sys.stderr)
         raise
     seconds = time.perf_counter() - start
     images = to_uint8(images)                           # quantised to uint8 like a saved PNG
@@ -139,6 +140,16 @@ def check_before_sampling(args):
         check_writable(path)
     refuse_overwrite(outputs, {"--ckpt": args.ckpt, "--npz": getattr(args, "npz", None), "--onnx": args.onnx,
                                "--classifier": args.classifier})
+    if args.command == "score" and not getattr(args, "npz", None):
+        counts = [10 * args.per_class]
+    elif args.command == "table":
+        settings = [args.sweep_at, *args.rows.split(",")]
+        counts = [10 * (parse_setting(r)[2] or args.per_class) for r in settings]
+    else:
+        counts = []
+    if counts and min(counts) <= FEATURES:
+        raise UserError(f"{min(counts)} digits cannot give a Frechet distance in {FEATURES} features; draw "
+                        f"more than {FEATURES} (--per-class {FEATURES // 10 + 1} or more, per row too)")
     if args.onnx and args.backend != "ort":
         raise UserError("--onnx is run by --backend ort; pass --backend ort, or drop --onnx to sample with "
                         "PyTorch")

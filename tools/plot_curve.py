@@ -6,11 +6,12 @@ Quality against training time: collect the scores of a run's snapshots, print th
     python tools/plot_curve.py collect s/*.json --out docs/training_curve.json           # + steps, minutes
     python tools/plot_curve.py plot docs/training_curve.json --out docs/training_curve.png
 
-collect reads, for each score, the checkpoint it names (its step, wall time and batch), so the points
-carry what was reached, not what was planned. plot prints the markdown table of docs/results.md and
-draws conditional accuracy and FD / floor (both at the same number of samples) against minutes, one
-line per sampler setting. matplotlib is needed by plot only (a tools-only dependency:
-requirements-tools.txt).
+collect reads, for each score, the checkpoint it names (its step, wall time, batch and learning-rate
+schedule), so the points carry what was reached, not what was planned; --extend keeps the points of an
+earlier curve. plot prints the markdown table of docs/results.md and draws conditional accuracy and FD /
+floor (both at the same number of samples) against the images seen, which, unlike minutes, do not depend on
+the machine: one line per sampler setting, and a point of its own for a run that ended on a learning-rate
+cooldown. matplotlib is needed by plot only (a tools-only dependency: requirements-tools.txt).
 """
 import json
 import os
@@ -29,10 +30,10 @@ from support import atomic_write, load_checkpoint, refuse_overwrite
 
 
 def setting(row):
-    """'DPM-Solver++(2M) 5, CFG 1.2': how a row was sampled."""
+    """'DPM-Solver++(2M) 5, CFG 1.2': how a row was sampled (and ', after a cooldown' for such a run)."""
     name = {"dpm++2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}.get(row["sampler"], row["sampler"])
-    return f"{name} {row['steps']}, " + ("no guidance" if row["cfg_scale"] == 1
-                                         else f"CFG {row['cfg_scale']:g}")
+    guidance = "no guidance" if row["cfg_scale"] == 1 else f"CFG {row['cfg_scale']:g}"
+    return f"{name} {row['steps']}, {guidance}" + (", after a cooldown" if row.get("cooldown") else "")
 
 
 def collect(paths):
@@ -41,21 +42,27 @@ def collect(paths):
     for path in paths:
         score = read_score(path, ("ckpt", "accuracy", "fd", "floor", "n"))
         ckpt = load_checkpoint(score["ckpt"])
-        batch = ckpt.get("args", {}).get("batch_size") or ckpt.get("training", {}).get("batch_size")
+        args = ckpt.get("args") or ckpt.get("training", {}).get("args") or {}
+        batch = args.get("batch_size") or ckpt.get("training", {}).get("batch_size")
+        if not batch:
+            raise UserError(f"{score['ckpt']} does not say its batch size, so its images seen are unknown")
+        decay = args.get("decay_steps") or 0        # a point inside a cooldown, not one of a constant rate
         rows.append({"minutes": round(ckpt.get("wall_time_s", 0.0) / 60, 1), "step": ckpt["step"],
-                     "images_seen": ckpt["step"] * batch if batch else None,
+                     "cooldown": bool(decay) and ckpt["step"] > args["steps"] - decay,
+                     "machine": score.get("machine"),
+                     "images_seen": ckpt["step"] * batch,
                      "checkpoint": os.path.basename(score["ckpt"]),
                      **{k: score[k] for k in ("sampler", "steps", "cfg_scale", "n", "accuracy", "fd",
                                               "floor")},
                      "worst_class_accuracy": min(score.get("per_class_accuracy") or [score["accuracy"]])})
-    return sorted(rows, key=lambda r: (setting(r), r["minutes"]))
+    return sorted(rows, key=lambda r: (setting(r), r["step"]))
 
 
 def markdown(rows):
     lines = ["| minutes | steps | images seen | sampler | samples | accuracy | "
              "worst class | FD | floor | FD / floor |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["minutes"], setting(r))):
+    for r in sorted(rows, key=lambda r: (r["step"], setting(r))):
         images = f"{r['images_seen'] / 1e3:,.0f}k" if r["images_seen"] else "?"
         lines.append(f"| {r['minutes']:g} | {r['step']:,} | {images} | {setting(r)} | {r['n']:,} | "
                      f"{100 * r['accuracy']:.2f} % | {100 * r['worst_class_accuracy']:.1f} % | "
@@ -64,18 +71,19 @@ def markdown(rows):
 
 
 def plot(rows, path):
-    """Accuracy and FD / floor against minutes, a line per sampler setting, written atomically."""
+    """Accuracy and FD / floor against images seen, a line per sampler setting, written atomically."""
     import matplotlib
     matplotlib.use("Agg")                     # files only: no display needed
     import matplotlib.pyplot as plt
     fig, (acc, fd) = plt.subplots(1, 2, figsize=(10, 3.8))
     for name in sorted({setting(r) for r in rows}):
-        mine = sorted((r for r in rows if setting(r) == name), key=lambda r: r["minutes"])
-        minutes = [r["minutes"] for r in mine]
-        acc.plot(minutes, [100 * r["accuracy"] for r in mine], "o-", label=name)
-        fd.plot(minutes, [r["fd"] / r["floor"] for r in mine], "o-", label=name)
-    acc.set(xlabel="minutes of training (2-core CPU)", ylabel="conditional accuracy (%)", title="Accuracy")
-    fd.set(xlabel="minutes of training (2-core CPU)", ylabel="FD / floor (1 = real digits)",
+        mine = sorted((r for r in rows if setting(r) == name), key=lambda r: r["step"])
+        seen = [r["images_seen"] / 1e3 for r in mine]
+        style = "*" if mine[0].get("cooldown") else "o-"
+        acc.plot(seen, [100 * r["accuracy"] for r in mine], style, ms=10 if style == "*" else 5, label=name)
+        fd.plot(seen, [r["fd"] / r["floor"] for r in mine], style, ms=10 if style == "*" else 5, label=name)
+    acc.set(xlabel="images seen (thousands; batch 32)", ylabel="conditional accuracy (%)", title="Accuracy")
+    fd.set(xlabel="images seen (thousands; batch 32)", ylabel="FD / floor (1 = real digits)",
            title="FD / floor")
     fd.axhline(1, color="grey", lw=0.8, ls="--")
     for ax in (acc, fd):
@@ -96,6 +104,13 @@ def main(argv=None):
                      {p: p for p in (args.scores if args.command == "collect" else [args.curve])})
     if args.command == "collect":
         rows = collect(args.scores)
+        if args.extend:
+            try:
+                with open(args.extend) as f:
+                    rows = json.load(f) + rows
+            except (OSError, ValueError) as e:
+                raise UserError(f"--extend {args.extend}: not a readable curve JSON ({e}); "
+                                f"write it with `plot_curve.py collect`") from None
         atomic_write(args.out, lambda f: json.dump(rows, f, indent=1), binary=False)
         print(f"{args.out}: {len(rows)} points")
         return

@@ -75,7 +75,7 @@ def parse_bench_args(argv):
 CLASSIFIER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                           "mnist_cnn.pt")   # = mnist_cnn.CLASSIFIER_PATH
 KEPT_SAMPLES = os.path.join("runs", "evaluate-samples.npz")   # where drawn digits go when scoring them fails
-DEFAULT_ROWS = "ddpm-1000:10,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
+DEFAULT_ROWS = "ddpm-1000:13,ddpm-250:20,ddim-100:50,ddim-50,ddim-25,ddim-10,dpm++2m-25,dpm++2m-10"
 
 
 def parse_evaluate_args(argv):
@@ -151,6 +151,8 @@ def parse_plot_curve_args(argv):
     c.add_argument("scores", nargs="+",
                    help="evaluate.py score --out-json files, one per snapshot and sampler")
     c.add_argument("--out", required=True, help="the curve JSON to write")
+    c.add_argument("--extend", default=None, help="a curve JSON whose points come first (an earlier run of "
+                   "the same recipe, whose checkpoints may be gone)")
     g = sub.add_parser("plot", help="curve JSON -> markdown table on stdout and a PNG")
     g.add_argument("curve", help="the JSON written by collect")
     g.add_argument("--out", required=True, help="the PNG to write")
