@@ -1006,13 +1006,19 @@ class TrainingRun:
     one line naming the last good checkpoint. Use as a context manager.
 
     settings: train.py's (steps, batch_size, max_minutes, snapshot_minutes, log_every, sample_every,
-    ckpt_every). save(path, step, wall) writes a checkpoint: every rank calls it, each adding its RNG state.
-    grid(path) draws a progress grid; rank 0 only. t_start: when train() began (the clock of --max-minutes);
-    wall_before: the run's wall time before this process, for a resumed run."""
+    ckpt_every). save(path, step, wall, rng=None) writes a checkpoint: every rank calls it, each adding its
+    RNG state, unless rng is given. grid(path) draws a progress grid; rank 0 only. t_start: when train() began
+    (the clock of --max-minutes); wall_before: the run's wall time before this process, for a resumed run.
+
+    Under DDP, when another rank dies or stops answering (torchrun then sends SIGTERM), rank 0 saves the last
+    step every rank finished on its own: the weights, EMA and optimizer are the same on every rank, and it
+    keeps the batch generator's state of that step; the other ranks' global RNG states (label dropout) are
+    lost, so the resumed run reuses rank 0's and is not bit-exact."""
 
     def __init__(self, out, settings, *, ckpt_path, step, t_start, wall_before, world, device, rank, save,
-                 grid, last_good):
+                 grid, last_good, batch_rng):
         self.out, self.settings, self.ckpt_path, self.first_step = out, settings, ckpt_path, step
+        self.batch_rng, self.saved_step, self.finished = batch_rng, step, None
         self.t_start, self.wall_before = t_start, wall_before
         self.world, self.device, self.master = world, device, rank == 0
         self.save, self.grid, self.last_good = save, grid, last_good
@@ -1045,6 +1051,9 @@ class TrainingRun:
         checkpoint and snapshot that are due. Returns whether the run stops now (fp16: the GradScaler skips
         non-finite steps, so a NaN loss is not an error there)."""
         s = self.settings
+        if self.world > 1:     # what rank 0 saves if a peer dies in a collective from here to the next step
+            self.finished = (step, self.wall(), {"data": self.batch_rng.get_state(),
+                                                 "ranks": rng_states(1, self.device)})
         timed_out = s.max_minutes is not None and time.time() - self.t_start > 60 * s.max_minutes
         bad = not math.isfinite(loss_value) and not fp16
         snapshot = bool(self.snapshots) and self.wall() >= 60 * self.snapshots[0]
@@ -1068,7 +1077,7 @@ class TrainingRun:
             self.grid(os.path.join(self.out, "samples", f"step_{step:07d}.png"))
         if end or every(step, s.ckpt_every):
             self.save(self.ckpt_path, step, wall)
-            self.last_good = f"{self.ckpt_path} (step {step})"
+            self.last_good, self.saved_step = f"{self.ckpt_path} (step {step})", step
         if snapshot:
             self.save(os.path.join(self.out, f"ckpt_{self.snapshots.pop(0):g}min.pt"), step, wall)
         self.t_row += time.time() - t_pause
@@ -1101,6 +1110,12 @@ class TrainingRun:
                 f"grids in {os.path.join(self.out, 'samples')}")
 
     def __exit__(self, kind, error, trace):
+        if (isinstance(error, RuntimeError) and self.master and self.finished and peer_lost(error)
+                and self.finished[0] > self.saved_step):
+            # Saved before the signal handlers go: torchrun waits after its SIGTERM before it kills.
+            step, wall, rng = self.finished
+            self.save(self.ckpt_path, step, wall, rng=rng)
+            error.saved = f" and rank 0 saved step {step} alone (the resumed run will not be bit-exact)"
         self.stop_flag.restore()
         if self.progress:
             self.progress.close()

@@ -386,10 +386,10 @@ def train(settings, out, rank, world, device):
         f"process(es), {device}, amp {amp_dtype or 'off'}{', compiled' if settings.compile == 'on' else ''} "
         f"-> {out}")
 
-    def save(path, step_done, wall):
+    def save(path, step_done, wall, rng=None):
         """A checkpoint: what sample.py and export.py rebuild the model from, and all an exact resume needs.
-        Every rank takes part (each adds its RNG state); rank 0 writes."""
-        rng = {"data": batch_rng.get_state(), "ranks": support.rng_states(world, device)}
+        Every rank takes part (each adds its RNG state) unless rng is given; rank 0 writes."""
+        rng = rng or {"data": batch_rng.get_state(), "ranks": support.rng_states(world, device)}
         if master:
             support.save_checkpoint(path, {
                 "model_config": configs["model"], "diffusion_config": configs["diffusion"],   # as dicts
@@ -409,7 +409,7 @@ def train(settings, out, rank, world, device):
     last_good = f"{resumed} (step {step})" if resumed else "none was written yet"
     with support.TrainingRun(out, settings, ckpt_path=ckpt_path, step=step, t_start=t_start,
                              wall_before=wall_before, world=world, device=device, rank=rank, save=save,
-                             grid=grid, last_good=last_good) as run:
+                             grid=grid, last_good=last_good, batch_rng=batch_rng) as run:
         # ======================================= the loop =======================================
         while step < settings.steps:
             # The global batch, drawn identically on every rank; this rank keeps rows rank::world.
@@ -471,8 +471,10 @@ def main(argv=None):
     except RuntimeError as e:
         if world > 1 and support.peer_lost(e):
             raise UserError(f"rank {rank}: another DDP process stopped answering for "
-                            f"{settings.ddp_timeout:g} s (--ddp-timeout) or died; the run stopped: --resume "
-                            f"auto continues it from {os.path.join(out, 'ckpt.pt')}") from None
+                            f"{settings.ddp_timeout:g} s (--ddp-timeout) or died; the run stopped"
+                            f"{getattr(e, 'saved', '')}; continue it from {os.path.join(out, 'ckpt.pt')} "
+                            f"with: "
+                            f"{support.resume_command(argv, out, world)}") from None
         raise
     finally:
         if world > 1 and dist.is_initialized():

@@ -281,7 +281,7 @@ def test_images_per_s_counts_every_step_also_a_skipped_fp16_one(tmp_path, monkey
                               sample_every=0, ckpt_every=0)
     with support.TrainingRun(str(tmp_path), s, ckpt_path=str(tmp_path / "ckpt.pt"), step=0, t_start=100.0,
                              wall_before=0.0, world=1, device=torch.device("cpu"), rank=0, save=None, grid=None,
-                             last_good="none") as run:
+                             last_good="none", batch_rng=None) as run:
         for step, (loss, skipped) in enumerate(((0.5, False), (float("inf"), True), (0.3, False), (0.4, False)), 1):
             now[0] = 100.0 + step / 2                                # 4 steps in 2 s
             run.after_step(step, loss, 1e-3, skipped, fp16=True)
