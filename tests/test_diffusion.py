@@ -263,8 +263,9 @@ def _jumpy_x0(x, t, y):
     return 0.7 * torch.cos(pattern + 0.5 * t.view(-1, 1, 1, 1).to(x.dtype)) + 0.2 * torch.tanh(x)
 
 
-def _float64_run(process, timesteps, sampler, noise):
-    """The same sampler written out in float64 from the respaced alpha_bar, as the textbook has it."""
+def _float64_run(process, timesteps, sampler, noise, first_order_last=False):
+    """The same sampler written out in float64 from the respaced alpha_bar, as the textbook has it
+    (first_order_last: DPM-Solver++'s step onto the last timestep takes D = x0, as DDIM's)."""
     alpha_bar = process.alphas_cumprod.numpy()
     lam = lambda a: 0.5 * np.log(a / (1 - a))                          # noqa: E731
     x, prev_x0, h_before = noise.double(), None, None
@@ -278,7 +279,8 @@ def _float64_run(process, timesteps, sampler, noise):
             x = x0
         else:
             h = lam(a_prev) - lam(a)
-            D = x0 if prev_x0 is None else (1 + h / (2 * h_before)) * x0 - h / (2 * h_before) * prev_x0
+            first = prev_x0 is None or (first_order_last and i == 1)
+            D = x0 if first else (1 + h / (2 * h_before)) * x0 - h / (2 * h_before) * prev_x0
             x = math.sqrt((1 - a_prev) / (1 - a)) * x - math.sqrt(a_prev) * math.expm1(-h) * D
             prev_x0, h_before = x0, h
     return x
@@ -297,3 +299,21 @@ def test_sampler_coefficients_keep_float64_precision_near_t0(schedule, sampler, 
     reference = _float64_run(d.respace(timesteps), timesteps, sampler, noise)
     assert out.dtype == torch.float32
     assert (out.double() - reference).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("steps", [5, 10, 14, 15, 20])
+def test_lower_order_final_is_a_first_order_last_step_below_15_steps(steps):
+    """diffusers' lower_order_final: below 15 steps DPM-Solver++(2M)'s step onto the last timestep is first
+    order (D = x0), matching the float64 sampler written that way; from 15 steps on it changes nothing."""
+    d = GaussianDiffusion(DiffusionConfig(prediction="x0"))
+    timesteps = space_timesteps(d.num_timesteps, steps)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    run = lambda lof: d.sample(_jumpy_x0, noise.shape, torch.zeros(4, dtype=torch.long), sampler="dpm++2m",
+                               steps=steps, noise=noise, lower_order_final=lof)           # noqa: E731
+    out, second_order = run(True), run(False)
+    if steps < 15:
+        reference = _float64_run(d.respace(timesteps), timesteps, "dpm++2m", noise, first_order_last=True)
+        assert (out.double() - reference).abs().max().item() <= 1e-6
+        assert (out - second_order).abs().max().item() > 1e-3
+    else:
+        assert torch.equal(out, second_order)

@@ -164,9 +164,14 @@ def test_plot_curve_collects_what_each_snapshot_reached_and_draws_it(tmp_path):
     scores.append(tmp_path / "cooled.json")
     scores[-1].write_text(json.dumps({"ckpt": os.path.join(cooled, "ckpt.pt"), "sampler": "dpm++2m", "steps": 5,
                                       "cfg_scale": 1.2, "n": 20, "accuracy": 0.8, "fd": 20.0, "floor": 5.0}))
+    scores.append(tmp_path / "cooled_lof.json")
+    scores[-1].write_text(json.dumps({"ckpt": os.path.join(cooled, "ckpt.pt"), "sampler": "dpm++2m", "steps": 10,
+                                      "cfg_scale": 1.3, "lower_order_final": True, "n": 20, "accuracy": 0.9,
+                                      "fd": 15.0, "floor": 5.0}))
     longer = str(tmp_path / "longer.json")
-    run(plot_curve.main, ["collect", str(scores[-1]), "--extend", curve, "--out", longer])
+    run(plot_curve.main, ["collect", *map(str, scores[-2:]), "--extend", curve, "--out", longer])
     rows = json.load(open(longer))
-    assert len(rows) == 4 and rows[-1]["cooldown"] and rows[-1]["step"] == 6
+    assert len(rows) == 5 and all(r["cooldown"] and r["step"] == 6 for r in rows[-2:])
     out, _ = run(plot_curve.main, ["plot", longer, "--out", png])
     assert "| DPM-Solver++(2M) 5, CFG 1.2, after a cooldown | 20 | 80.00 % |" in out
+    assert "| DPM-Solver++(2M) 10, CFG 1.3, lower-order final, after a cooldown | 20 | 90.00 % |" in out

@@ -191,6 +191,7 @@ def test_a_16_bit_png_reads_at_its_brightness_and_aliased_classes_are_refused(tm
 @pytest.mark.parametrize("script,argv,words", [
     ("sample.py", ["--sampler", "dpm++2m", "--eta", "0.5"], "--eta is DDIM's noise"),
     ("sample.py", ["--labels", "1 2", "--label-order", "random"], "--label-order chooses the labels of"),
+    ("sample.py", ["--sampler", "ddim", "--no-lower-order-final"], "--no-lower-order-final is DPM-Solver++(2M)'s"),
     ("sample.py", ["--labels", "1 2", "--cfg-scale", "0"], "--cfg-scale 0 samples unconditionally"),
     ("infer_trt.py", ["--backend", "ort", "--cuda-graph"], "--cuda-graph replays a TensorRT engine"),
 ])

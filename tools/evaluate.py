@@ -83,6 +83,7 @@ def sample_and_score(model_fn, diffusion, cfg, device, sampler, steps, cfg_scale
                      lower_order_final=DEFAULT_LOWER_ORDER_FINAL):
     """Draw per_class digits of each class with one sampler setting, time it, score it ->
     (result dict, images, labels)."""
+    lower_order_final = lower_order_final and sampler == "dpm++2m"     # the other samplers have no such step
     # sample.py's labels (0, 1, ..., 9, 0, ...) and sample.draw_samples (all starting noise drawn up front
     # from one CPU generator), so the first digits scored are sample.py's grid for the same seed and setting.
     labels = torch.arange(10 * per_class) % 10

@@ -30,10 +30,13 @@ from support import atomic_write, load_checkpoint, refuse_overwrite
 
 
 def setting(row):
-    """'DPM-Solver++(2M) 5, CFG 1.2': how a row was sampled (and ', after a cooldown' for such a run)."""
+    """'DPM-Solver++(2M) 5, CFG 1.2': how a row was sampled (', lower-order final' where the last step was
+    first order, and ', after a cooldown' for a run that ended on one)."""
     name = {"dpm++2m": "DPM-Solver++(2M)", "ddim": "DDIM", "ddpm": "DDPM"}.get(row["sampler"], row["sampler"])
     guidance = "no guidance" if row["cfg_scale"] == 1 else f"CFG {row['cfg_scale']:g}"
-    return f"{name} {row['steps']}, {guidance}" + (", after a cooldown" if row.get("cooldown") else "")
+    first_order_last = ", lower-order final" if row.get("lower_order_final") else ""
+    cooled = ", after a cooldown" if row.get("cooldown") else ""
+    return f"{name} {row['steps']}, {guidance}{first_order_last}{cooled}"
 
 
 def collect(paths):
@@ -54,6 +57,7 @@ def collect(paths):
                      "checkpoint": os.path.basename(score["ckpt"]),
                      **{k: score[k] for k in ("sampler", "steps", "cfg_scale", "n", "accuracy", "fd",
                                               "floor")},
+                     "lower_order_final": bool(score.get("lower_order_final")),
                      "worst_class_accuracy": min(score.get("per_class_accuracy") or [score["accuracy"]])})
     return sorted(rows, key=lambda r: (setting(r), r["step"]))
 
@@ -75,7 +79,7 @@ def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")                     # files only: no display needed
     import matplotlib.pyplot as plt
-    fig, (acc, fd) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (acc, fd) = plt.subplots(1, 2, figsize=(10, 5))
     for name in sorted({setting(r) for r in rows}):
         mine = sorted((r for r in rows if setting(r) == name), key=lambda r: r["step"])
         seen = [r["images_seen"] / 1e3 for r in mine]
@@ -88,12 +92,13 @@ def plot(rows, path):
     fd.axhline(1, color="grey", lw=0.8, ls="--")
     for ax in (acc, fd):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    # One legend under both panels, where it hides no point.
+    fig.legend(*acc.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8)
     n = sorted({r["n"] for r in rows})
     fig.suptitle(f"DiT-T/4 on MNIST, python train.py's CPU recipe; "
                  f"{', '.join(f'{k:,}' for k in n)} samples per point",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.2, 1, 1))
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)
 

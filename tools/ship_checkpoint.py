@@ -26,9 +26,9 @@ import torch
 
 from support import load_checkpoint, refuse_overwrite, save_checkpoint
 
-SCORE_KEYS = ("sampler", "steps", "cfg_scale", "n", "accuracy", "per_class_accuracy", "fd", "floor",
-              "nfe_per_image", "wall_s", "machine")      # what a score keeps from evaluate.py's JSON
-                                                         # (those it has)
+# What a score keeps from evaluate.py's JSON (those it has).
+SCORE_KEYS = ("sampler", "steps", "cfg_scale", "lower_order_final", "n", "accuracy", "per_class_accuracy",
+              "fd", "floor", "nfe_per_image", "wall_s", "machine")
 
 
 def this_machine():
