@@ -944,18 +944,19 @@ def over_ranks(values, op, world, device):
     return (t if op == "max" else t / world).tolist()
 
 
-def rng_states(world, device):
-    """Every rank's global RNG state (it draws the label dropout), in rank order, for the checkpoint."""
+def rng_states(batch_rng, world, device):
+    """The RNG states a checkpoint holds, the inverse of restore_rng_states: the batch generator's, and every
+    rank's global one (it draws the label dropout), in rank order. world=1 keeps this rank's only."""
     import torch
     import torch.distributed as dist
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     if world == 1:
-        return [state]
+        return {"data": batch_rng.get_state(), "ranks": [state]}
     states = [None] * world
     dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
-    return states
+    return {"data": batch_rng.get_state(), "ranks": states}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1052,8 +1053,7 @@ class TrainingRun:
         non-finite steps, so a NaN loss is not an error there)."""
         s = self.settings
         if self.world > 1:     # what rank 0 saves if a peer dies in a collective from here to the next step
-            self.finished = (step, self.wall(), {"data": self.batch_rng.get_state(),
-                                                 "ranks": rng_states(1, self.device)})
+            self.finished = (step, self.wall(), rng_states(self.batch_rng, 1, self.device))
         timed_out = s.max_minutes is not None and time.time() - self.t_start > 60 * s.max_minutes
         bad = not math.isfinite(loss_value) and not fp16
         snapshot = bool(self.snapshots) and self.wall() >= 60 * self.snapshots[0]

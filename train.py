@@ -388,8 +388,9 @@ def train(settings, out, rank, world, device):
 
     def save(path, step_done, wall, rng=None):
         """A checkpoint: what sample.py and export.py rebuild the model from, and all an exact resume needs.
-        Every rank takes part (each adds its RNG state) unless rng is given; rank 0 writes."""
-        rng = rng or {"data": batch_rng.get_state(), "ranks": support.rng_states(world, device)}
+        Every rank takes part (each adds its RNG state) unless rng is given; rank 0 writes. The RNG states are
+        the batch generator's and every rank's global one, which draws the label dropout."""
+        rng = rng or support.rng_states(batch_rng, world, device)
         if master:
             support.save_checkpoint(path, {
                 "model_config": configs["model"], "diffusion_config": configs["diffusion"],   # as dicts
@@ -473,8 +474,7 @@ def main(argv=None):
             raise UserError(f"rank {rank}: another DDP process stopped answering for "
                             f"{settings.ddp_timeout:g} s (--ddp-timeout) or died; the run stopped"
                             f"{getattr(e, 'saved', '')}; continue it from {os.path.join(out, 'ckpt.pt')} "
-                            f"with: "
-                            f"{support.resume_command(argv, out, world)}") from None
+                            f"with: {support.resume_command(argv, out, world)}") from None
         raise
     finally:
         if world > 1 and dist.is_initialized():

@@ -49,7 +49,6 @@ def assert_identical(a, b):
     assert torch.equal(a["rng"]["ranks"][0]["torch"], b["rng"]["ranks"][0]["torch"])
 
 
-
 def assert_close(a, b):
     """The same step and batch generator; weights, EMA and optimizer moments equal to float rounding."""
     assert a["step"] == b["step"] and torch.equal(a["rng"]["data"], b["rng"]["data"])
