@@ -41,7 +41,11 @@ def test_the_shipped_model_is_sampling_only_and_carries_its_record():
     record = ckpt["training"]
     assert record["command"].startswith("python train.py") and record["steps"] == ckpt["step"] > 0
     assert record["images_seen"] == record["steps"] * record["batch_size"] and record["wall_time_min"] >= 90
-    assert {(s["sampler"], s["steps"]) for s in ckpt["scores"]} >= {("dpm++2m", 5), ("ddim", 50)}
+    # It carries the score of the sampler it is sampled with by default, and an unguided one.
+    default = (support.DEFAULT_SAMPLER, support.DEFAULT_STEPS, support.DEFAULT_CFG,
+               support.DEFAULT_LOWER_ORDER_FINAL)
+    scored = {(s["sampler"], s["steps"], s["cfg_scale"], bool(s.get("lower_order_final"))) for s in ckpt["scores"]}
+    assert default in scored and any(cfg == 1 for _, _, cfg, _ in scored)
     assert all(s["n"] == 10_000 for s in ckpt["scores"])
 
 
