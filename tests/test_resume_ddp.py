@@ -49,17 +49,6 @@ def assert_identical(a, b):
     assert torch.equal(a["rng"]["ranks"][0]["torch"], b["rng"]["ranks"][0]["torch"])
 
 
-def assert_close(a, b):
-    """The same step and batch generator; weights, EMA and optimizer moments equal to float rounding."""
-    assert a["step"] == b["step"] and torch.equal(a["rng"]["data"], b["rng"]["data"])
-    for part in ("model", "ema"):
-        for k in a[part]:
-            torch.testing.assert_close(a[part][k], b[part][k], rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
-    for i, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            torch.testing.assert_close(value, b["optimizer"]["state"][i][name], rtol=1e-4, atol=1e-6)
-
-
 def test_resume_is_bit_exact(tmp_path):
     whole, halves = str(tmp_path / "whole"), str(tmp_path / "halves")
     train.main([*TINY, "--steps", "8", "--out", whole])
@@ -267,9 +256,10 @@ def log_rows(out):
 
 
 def start_torchrun(out, *flags):
-    """torchrun of two ranks on TINY, left running -> the Popen."""
+    """torchrun of two ranks on TINY, left running -> the Popen. --compile off: auto would compile a run of
+    1,000+ steps and not a short one, and compiled and eager steps differ in the last bits."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(ROOT, "train.py"), *TINY, *flags, "--out", out],
+                             os.path.join(ROOT, "train.py"), *TINY, "--compile", "off", *flags, "--out", out],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
 
@@ -277,9 +267,7 @@ def start_torchrun(out, *flags):
 def test_a_killed_rank_leaves_rank_0s_checkpoint_of_the_last_finished_step(tmp_path):
     """SIGKILL one of two ranks between checkpoints: torchrun SIGTERMs rank 0, whose collective fails; rank 0
     saves the last step every rank finished and prints the torchrun command that continues it. That checkpoint
-    is step N of an uninterrupted run: the same step and batch generator, and weights, EMA and optimizer equal
-    to float rounding (about 2e-7 apart; two uninterrupted runs agree bit for bit, and the last bits of this
-    one differ for a reason not yet found)."""
+    is step N of an uninterrupted run, bit for bit (weights, EMA, optimizer, batch generator, rank 0's RNG)."""
     out, whole = str(tmp_path / "killed"), str(tmp_path / "whole")
     proc = start_torchrun(out, "--steps", "100000", "--ckpt-every", "0", "--log-every", "5", "--label-dropout", "0")
     try:
@@ -303,6 +291,6 @@ def test_a_killed_rank_leaves_rank_0s_checkpoint_of_the_last_finished_step(tmp_p
     assert step >= 10 and len(killed["rng"]["ranks"]) == 1
     proc = start_torchrun(whole, "--steps", str(step), "--ckpt-every", "0", "--log-every", "5", "--label-dropout", "0")
     assert proc.communicate(timeout=180)[0] and proc.returncode == 0
-    assert_close(load(whole), killed)
+    assert_identical(load(whole), killed)
     train.main([*TINY, "--steps", str(step + 2), "--label-dropout", "0", "--out", out, "--resume", "auto"])
     assert load(out)["step"] == step + 2
