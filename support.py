@@ -952,10 +952,10 @@ def rng_states(batch_rng, world, device):
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
-    if world == 1:
-        return {"data": batch_rng.get_state(), "ranks": [state]}
-    states = [None] * world
-    dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
+    states = [state]
+    if world > 1:
+        states = [None] * world
+        dist.all_gather_object(states, {k: v.cpu() for k, v in state.items()})
     return {"data": batch_rng.get_state(), "ranks": states}
 
 
